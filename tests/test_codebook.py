@@ -1,0 +1,255 @@
+"""The versioned codebook store: round trip, immutability, races, crashes, tampering, search, interchange."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from vrc_dist import codebook
+from vrc_dist.codebook import (
+    PROVENANCE_SCHEMA, Codebook, CodebookError, export_reference, import_reference, load_reference,
+)
+
+DIM = 16
+
+
+def protos(n: int, seed: int) -> tuple[np.ndarray, pa.Table]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, DIM)).astype(np.float32)
+    prov = pa.table(
+        {"key": [f"img{seed}-{i // 3}" for i in range(n)], "shard": ["s0"] * n, "token_index": list(range(n)),
+         "cluster": [i % 4 for i in range(n)], "support": [7] * n, "cluster_size": [n // 4] * n},
+        schema=PROVENANCE_SCHEMA,
+    )
+    return vectors, prov
+
+
+def commit(path: Path, seed: int, n: int = 12, parent: int | None = None) -> int:
+    vectors, prov = protos(n, seed)
+    return Codebook.at(path).commit(vectors, prov, {"note": f"seed {seed}"}, parent=parent,
+                                    datasets=[{"path": f"/data/{seed}", "candidates": {}}])
+
+
+@pytest.fixture
+def book(tmp_path) -> Path:
+    Codebook.create(tmp_path / "cb", "test", "toy-model", DIM)
+    return tmp_path / "cb"
+
+
+def test_commit_open_round_trip(book):
+    assert commit(book, seed=1) == 1
+    cb = Codebook.open(book, expected_dim=DIM)
+    vectors, prov = protos(12, 1)
+    assert cb.version == 1 and cb.name == "test" and cb.model_id == "toy-model"
+    np.testing.assert_array_equal(cb.vectors, vectors)
+    assert cb.provenance.equals(prov)
+    assert cb.params["note"] == "seed 1" and cb.params["parent"] is None and cb.params["n_prototypes"] == 12
+    assert cb.params["datasets"] == [{"path": "/data/1", "candidates": {}}]
+    manifest = json.loads((book / "manifest.json").read_text())
+    assert [v["version"] for v in manifest["versions"]] == [1] and manifest["dim"] == DIM
+    assert cb.lookup([3, 0]).column("token_index").to_pylist() == [3, 0]
+
+
+def test_versions_are_sequential_and_immutable(book):
+    assert commit(book, seed=1) == 1
+    v1_sums = (book / "v0001" / "SHA256SUMS").read_text()
+    assert commit(book, seed=2, parent=1) == 2
+    assert commit(book, seed=3, parent=2) == 3
+    assert Codebook.at(book).versions() == [1, 2, 3]
+    assert (book / "v0001" / "SHA256SUMS").read_text() == v1_sums
+    assert not os.access(book / "v0001" / "vectors.npy", os.W_OK) or os.geteuid() == 0
+    np.testing.assert_array_equal(Codebook.open(book, version=1).vectors, protos(12, 1)[0])
+    latest = Codebook.open(book)
+    assert latest.version == 3 and latest.params["parent"] == 2
+    assert Codebook.open(book, version="v0002").version == 2
+    with pytest.raises(CodebookError, match="parent version 9"):
+        commit(book, seed=4, parent=9)
+    with pytest.raises(CodebookError, match="params may not set"):
+        Codebook.at(book).commit(*protos(4, 5), {"version": 1})
+
+
+def _racer(path, barrier, results, seed):
+    """Commit in a child process, but hold at the rename until the other racer has also chosen its number."""
+    real_rename = os.rename
+
+    def synced_rename(src, dst):
+        barrier.wait(timeout=60)
+        return real_rename(src, dst)
+
+    codebook.os.rename = synced_rename
+    try:
+        results.put(("ok", seed, commit(Path(path), seed=seed, parent=1)))
+    except CodebookError as e:
+        results.put(("error", seed, str(e)))
+
+
+def test_racing_writers_exactly_one_wins(book):
+    commit(book, seed=1)
+    ctx = mp.get_context("spawn")  # no fork: forking after OpenMP (faiss) has run can deadlock the child
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_racer, args=(str(book), barrier, results, s)) for s in (10, 20)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [o[0] for o in outcomes] == ["error", "ok"], outcomes
+    (_, loser, message), (_, winner, version) = outcomes
+    assert version == 2 and "v0002" in message and "another writer" in message
+    cb = Codebook.open(book)
+    assert cb.version == 2 and cb.params["note"] == f"seed {winner}"
+    assert not [p for p in book.iterdir() if p.name.startswith(".tmp")]  # the loser cleaned up
+
+
+def _commit_crashing_at(path, step):
+    """A writer killed (os._exit: no cleanup, no finally) at one step of the commit."""
+    die = lambda *args, **kwargs: os._exit(17)  # noqa: E731
+    if step == "writing files":
+        codebook.faiss.write_index = die
+    elif step == "publishing the version":
+        codebook.os.rename = die
+    elif step == "updating the manifest":
+        codebook.os.replace = die
+    commit(Path(path), seed=2, parent=1)
+
+
+@pytest.mark.parametrize("step", ["writing files", "publishing the version", "updating the manifest"])
+def test_crash_mid_commit_leaves_previous_versions_loadable(book, step):
+    commit(book, seed=1)
+    proc = mp.get_context("spawn").Process(target=_commit_crashing_at, args=(str(book), step))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 17, "the writer did not crash where intended"
+    published = step == "updating the manifest"  # the rename happened: v0002 is complete, the manifest stale
+    assert Codebook.at(book).versions() == ([1, 2] if published else [1])
+    np.testing.assert_array_equal(Codebook.open(book, version=1).vectors, protos(12, 1)[0])
+    assert Codebook.open(book).version == (2 if published else 1)
+    # The next writer carries on, and its manifest rewrite repairs any stale entry.
+    nxt = commit(book, seed=3)
+    assert nxt == (3 if published else 2)
+    manifest = json.loads((book / "manifest.json").read_text())
+    assert [v["version"] for v in manifest["versions"]] == list(range(1, nxt + 1))
+
+
+@pytest.mark.parametrize("name", ["vectors.npy", "provenance.parquet", "index.faiss", "params.json"])
+def test_tampered_file_is_named(book, name):
+    commit(book, seed=1)
+    f = book / "v0001" / name
+    os.chmod(f, 0o644)
+    data = bytearray(f.read_bytes())
+    data[-2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(CodebookError, match=f"{name}: checksum mismatch"):
+        Codebook.open(book)
+
+
+def test_deleted_file_is_named(book):
+    commit(book, seed=1)
+    (book / "v0001" / "index.faiss").unlink()
+    with pytest.raises(CodebookError, match="index.faiss: missing"):
+        Codebook.open(book)
+
+
+def test_dimension_mismatch(book):
+    commit(book, seed=1)
+    with pytest.raises(CodebookError, match=f"dim {DIM}.*dim 4096"):
+        Codebook.open(book, expected_dim=4096)
+    cb = Codebook.open(book)
+    with pytest.raises(CodebookError, match="dim mismatch"):
+        cb.search(np.zeros((1, DIM + 1), np.float32), 1)
+    with pytest.raises(CodebookError, match=r"\[N, 16\]"):
+        Codebook.at(book).commit(np.zeros((3, 8), np.float32), protos(3, 0)[1], {})
+
+
+def test_missing_version_lists_available(book):
+    commit(book, seed=1)
+    commit(book, seed=2)
+    with pytest.raises(CodebookError, match="v0007 not in codebook.*available: v0001, v0002"):
+        Codebook.open(book, version=7)
+    with pytest.raises(CodebookError, match="no versions yet"):
+        Codebook.create(book.parent / "empty", "e", "m", DIM) and Codebook.open(book.parent / "empty")
+    with pytest.raises(CodebookError, match="not a codebook"):
+        Codebook.open(book.parent / "nowhere")
+
+
+def test_search_is_exact_cosine_top_k(book):
+    commit(book, seed=1, n=50)
+    cb = Codebook.open(book)
+    queries = np.random.default_rng(9).normal(size=(20, DIM)).astype(np.float32)
+    sims, ids = cb.search(queries, 5)
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    cos = unit(queries.astype(np.float64)) @ unit(cb.vectors.astype(np.float64)).T
+    expected_ids = np.argsort(-cos, axis=1)[:, :5]
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(sims, np.take_along_axis(cos, expected_ids, axis=1), atol=1e-5)
+    np.testing.assert_allclose(cb.max_similarity(queries), cos.max(axis=1), atol=1e-5)
+    assert cb.search(queries, 500)[1].shape == (20, 50)  # k is capped at the number of prototypes
+
+
+def test_toy_name_resolves_under_codebooks_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("VRC_CODEBOOKS", str(tmp_path))
+    Codebook.create(tmp_path / "toy-llava", "toy-llava", "toy", DIM)
+    commit(tmp_path / "toy-llava", seed=1)
+    assert Codebook.open("toy").path == tmp_path / "toy-llava"
+
+
+def test_export_import_round_trip(book, tmp_path):
+    commit(book, seed=1)
+    cb = Codebook.open(book)
+    pt, js = export_reference(cb, tmp_path / "ref" / "protos")
+    assert json.loads(js.read_text())[:2] == ["img1-0:0", "img1-0:1"]
+    version = import_reference(pt, js, tmp_path / "imported", model_id="toy-model")
+    back = Codebook.open(tmp_path / "imported", version=version, expected_dim=DIM)
+    np.testing.assert_array_equal(back.vectors, cb.vectors)
+    assert back.provenance.select(["key", "token_index"]).equals(cb.provenance.select(["key", "token_index"]))
+    assert back.params["imported_from"]["pt_sha256"] == codebook.sha256_file(pt)
+
+
+def test_reference_ids_without_token_index(tmp_path):
+    import torch
+
+    torch.save(torch.ones(2, DIM, dtype=torch.float16), tmp_path / "r.pt")
+    (tmp_path / "r.json").write_text('["213546", "297510"]')
+    vectors, prov = load_reference(tmp_path / "r.pt", tmp_path / "r.json")
+    assert vectors.dtype == np.float32 and vectors.shape == (2, DIM)
+    assert prov.column("key").to_pylist() == ["213546", "297510"]
+    assert prov.column("token_index").to_pylist() == [-1, -1]
+    (tmp_path / "short.json").write_text('["1"]')
+    with pytest.raises(CodebookError, match="list of 2 sample ids"):
+        load_reference(tmp_path / "r.pt", tmp_path / "short.json")
+
+
+class _Evil:
+    """Unpickling this creates the marker file: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_import_never_unpickles_objects(tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "plain.pt", "wb") as f:
+        pickle.dump(_Evil(marker), f, protocol=2)
+    torch.save({"x": _Evil(marker)}, tmp_path / "zipped.pt")
+    assert not marker.exists()
+    for name in ("plain.pt", "zipped.pt"):
+        with pytest.raises(CodebookError, match=f"{name}: not loadable as plain tensor data"):
+            load_reference(tmp_path / name)
+    assert not marker.exists()
+    torch.save({"w": torch.zeros(2, DIM)}, tmp_path / "dict.pt")
+    torch.save(torch.zeros(DIM), tmp_path / "vec.pt")
+    torch.save(torch.zeros(2, DIM, dtype=torch.int64), tmp_path / "int.pt")
+    for name, what in [("dict.pt", "dict"), ("vec.pt", r"tensor \(16,\)"), ("int.pt", "torch.int64")]:
+        with pytest.raises(CodebookError, match=f"{name}: expected a 2-D float tensor.*{what}"):
+            load_reference(tmp_path / name)

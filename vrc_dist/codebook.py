@@ -1,0 +1,410 @@
+"""The versioned codebook store (DESIGN.md §5): immutable versions v0001, v0002, ... of redundant prototypes.
+
+Layout of a codebook directory:
+    manifest.json          name, model id, embedding dim, and an index of the versions
+    v0001/ vectors.npy     prototypes, float32 [N, D], as clustered (not normalised)
+           provenance.parquet  key, shard, token_index, cluster, support, cluster_size (one row per prototype)
+           index.faiss     IndexFlatIP over the L2-normalised vectors: inner product = cosine
+           params.json     version, parent, created, dim, n_prototypes, datasets, + the caller's params
+           SHA256SUMS      sha256 of every other file; written last, so its presence marks a complete version
+
+A version is built in a hidden temp directory and published with one `os.rename`, which cannot replace a
+non-empty directory: of two writers racing for the same number exactly one wins. The manifest is only an
+index, rewritten after the rename; the truth is the set of version directories with a SHA256SUMS file, so a
+crash at any point leaves every earlier version loadable.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import vrc_dist
+
+MANIFEST = "manifest.json"
+CHECKSUMS = "SHA256SUMS"
+VERSION_FILES = ("vectors.npy", "provenance.parquet", "index.faiss", "params.json")
+FORMAT = "vrc-codebook/1"
+PROVENANCE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("token_index", pa.int32()),
+        ("cluster", pa.int32()),
+        ("support", pa.int32()),  # distinct images in the prototype's cluster
+        ("cluster_size", pa.int32()),  # members of that cluster (how many tokens a `centers` prototype stands for)
+    ]
+)
+# params.json keys the store itself writes; a caller's params may not shadow them.
+RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "datasets")
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+
+
+class CodebookError(ValueError):
+    pass
+
+
+def codebooks_root() -> Path:
+    """Where named codebooks live: $VRC_CODEBOOKS, else <repo>/codebooks next to the package."""
+    env = os.environ.get("VRC_CODEBOOKS")
+    return Path(env) if env else Path(vrc_dist.__file__).resolve().parents[1] / "codebooks"
+
+
+def resolve_path(path: str | Path) -> Path:
+    """`toy` names the toy model's codebook; another bare name not found as a path is looked up in the root."""
+    if str(path) == "toy":
+        return codebooks_root() / "toy-llava"
+    p = Path(path)
+    if not p.exists() and (codebooks_root() / p).is_dir():
+        return codebooks_root() / p
+    return p
+
+
+def version_dir_name(version: int) -> str:
+    return f"v{version:04d}"
+
+
+def parse_version(version: int | str) -> int:
+    """Accept 3, "3" or "v0003"."""
+    s = str(version)
+    m = _VERSION_DIR.match(s) or re.match(r"^(\d+)$", s)
+    if not m or int(m.group(1)) < 1:
+        raise CodebookError(f"not a version: {version!r} (expected a positive number or vNNNN)")
+    return int(m.group(1))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; an all-zero row stays zero (cosine 0 to everything) instead of NaN."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
+
+
+def _read_checksums(vdir: Path) -> dict[str, str] | None:
+    """File name -> sha256, or None when the version is incomplete (no or unreadable SHA256SUMS)."""
+    try:
+        lines = (vdir / CHECKSUMS).read_text().splitlines()
+    except OSError:
+        return None
+    sums = {}
+    for line in lines:
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            return None
+        sums[name] = digest
+    return sums if all(f in sums for f in VERSION_FILES) else None
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class Codebook:
+    """A codebook directory, and (after `open`) one loaded, verified version of it."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.name: str = manifest["name"]
+        self.model_id: str = manifest["model_id"]
+        self.dim: int = int(manifest["dim"])
+        self.version: int | None = None
+        self.vectors = np.zeros((0, self.dim), np.float32)
+        self.provenance = PROVENANCE_SCHEMA.empty_table()
+        self.params: dict = {}
+        self._index = None
+
+    # ---- the store -------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, name: str, model_id: str, dim: int) -> Codebook:
+        """A new codebook with no versions."""
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise CodebookError(f"codebook already exists: {path}")
+        if not isinstance(dim, int) or dim < 1:
+            raise CodebookError(f"embedding dim must be a positive integer, got {dim!r}")
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, "name": name, "model_id": model_id, "dim": dim, "versions": []}
+        cb = cls(path, manifest)
+        cb._write_manifest()
+        return cb
+
+    @classmethod
+    def open_or_create(cls, path: str | Path, dim: int, source: str, model_id: str | None = None,
+                       name: str | None = None) -> Codebook:
+        """The store to commit `source`'s vectors into: an existing one must match model and dim."""
+        path = resolve_path(path)
+        if not (path / MANIFEST).exists():
+            if model_id is None:
+                raise CodebookError(f"{path} does not exist yet: give the model id to create it")
+            return cls.create(path, name or path.name, model_id, dim)
+        cb = cls.at(path)
+        if model_id is not None and model_id != cb.model_id:
+            raise CodebookError(f"codebook {path} is for model {cb.model_id!r}, not {model_id!r}")
+        cb.check_dim(dim, source)
+        return cb
+
+    @classmethod
+    def at(cls, path: str | Path) -> Codebook:
+        """The store at `path`, with no version loaded (to list or commit versions)."""
+        path = resolve_path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            raise CodebookError(f"not a codebook (no {MANIFEST}): {path}") from None
+        except json.JSONDecodeError as e:
+            raise CodebookError(f"{path / MANIFEST}: not valid JSON: {e}") from None
+        missing = [k for k in ("name", "model_id", "dim") if k not in manifest]
+        if missing:
+            raise CodebookError(f"{path / MANIFEST}: missing {missing}")
+        return cls(path, manifest)
+
+    def versions(self) -> list[int]:
+        """Complete versions, from the directories themselves (the manifest may lag behind after a crash)."""
+        found = []
+        for entry in self.path.iterdir():
+            m = _VERSION_DIR.match(entry.name)
+            if m and entry.is_dir() and _read_checksums(entry) is not None:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def version_params(self, version: int) -> dict:
+        """params.json of a version, unverified (for listings; `open` verifies)."""
+        return json.loads((self.path / version_dir_name(version) / "params.json").read_text())
+
+    def _write_manifest(self) -> None:
+        # Rebuilt from the directories under a lock, so concurrent writers cannot drop each other's entries.
+        with open(self.path / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            entries = []
+            for v in self.versions():
+                p = self.version_params(v)
+                entries.append(
+                    {"version": v, "dir": version_dir_name(v), "parent": p["parent"],
+                     "n_prototypes": p["n_prototypes"], "created": p["created"]}
+                )
+            manifest = {"format": FORMAT, "name": self.name, "model_id": self.model_id, "dim": self.dim,
+                        "versions": entries}
+            _write_json_atomic(self.path / MANIFEST, manifest)
+
+    def commit(self, vectors: np.ndarray, provenance: pa.Table, params: dict,
+               parent: int | None = None, datasets: list[dict] | tuple = ()) -> int:
+        """Publish the next version atomically and return its number.
+
+        Raises CodebookError if another writer published that number first: the caller built on a state
+        that is no longer the latest, so it must re-read and retry rather than silently overwrite.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise CodebookError(f"prototypes must be [N, {self.dim}] for codebook {self.path}, got {vectors.shape}")
+        if len(vectors) == 0:
+            raise CodebookError("refusing to commit a version with no prototypes")
+        if not np.isfinite(vectors).all():
+            raise CodebookError("prototype vectors contain NaN or inf")
+        if provenance.num_rows != len(vectors):
+            raise CodebookError(f"provenance has {provenance.num_rows} rows for {len(vectors)} prototypes")
+        shadowed = sorted(set(params) & set(RESERVED_PARAMS))
+        if shadowed:
+            raise CodebookError(f"params may not set {shadowed}: the store writes them")
+        try:
+            provenance = provenance.select(PROVENANCE_SCHEMA.names).cast(PROVENANCE_SCHEMA)
+        except (KeyError, pa.ArrowInvalid) as e:
+            raise CodebookError(f"provenance must have columns {PROVENANCE_SCHEMA.names}: {e}") from None
+        existing = self.versions()
+        if parent is not None and parent not in existing:
+            raise CodebookError(f"parent version {parent} not in {self.path}; available: {_names(existing)}")
+        version = (existing[-1] if existing else 0) + 1
+        meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
+                "dim": self.dim, "n_prototypes": len(vectors), "datasets": list(datasets)}
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_dir_name(version)}-", dir=self.path))
+        try:
+            np.save(tmp / "vectors.npy", vectors, allow_pickle=False)
+            pq.write_table(provenance, tmp / "provenance.parquet")
+            index = faiss.IndexFlatIP(self.dim)
+            index.add(normalise(vectors))
+            faiss.write_index(index, str(tmp / "index.faiss"))
+            (tmp / "params.json").write_text(json.dumps({**meta, **params}, indent=2, sort_keys=True) + "\n")
+            sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in VERSION_FILES)
+            (tmp / CHECKSUMS).write_text(sums)
+            for f in (*VERSION_FILES, CHECKSUMS):  # read-only: a version is never edited in place
+                os.chmod(tmp / f, 0o444)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+            try:
+                os.rename(tmp, self.path / version_dir_name(version))
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise CodebookError(
+                        f"{version_dir_name(version)} of {self.path} was committed by another writer first; "
+                        "re-open the codebook and rebuild on the new latest version"
+                    ) from None
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._write_manifest()
+        return version
+
+    # ---- one loaded version ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, version: int | str | None = None, expected_dim: int | None = None) -> Codebook:
+        """Load a version (default: the latest), verifying its checksums and embedding dimension."""
+        cb = cls.at(resolve_path(path))
+        if expected_dim is not None:
+            cb.check_dim(expected_dim, "the model")
+        available = cb.versions()
+        if not available:
+            raise CodebookError(f"codebook {cb.path} has no versions yet")
+        number = available[-1] if version is None else parse_version(version)
+        if number not in available:
+            raise CodebookError(f"version {version_dir_name(number)} not in codebook {cb.path}; "
+                                f"available: {_names(available)}")
+        cb._load(number)
+        return cb
+
+    def check_dim(self, dim: int, source: str) -> None:
+        if dim != self.dim:
+            raise CodebookError(f"embedding dim mismatch: codebook {self.path} has dim {self.dim}, "
+                                f"{source} has dim {dim}")
+
+    def _load(self, version: int) -> None:
+        vdir = self.path / version_dir_name(version)
+        sums = _read_checksums(vdir)
+        for name, digest in sums.items():
+            f = vdir / name
+            if not f.is_file():
+                raise CodebookError(f"{f}: missing (listed in {CHECKSUMS})")
+            actual = sha256_file(f)
+            if actual != digest:
+                raise CodebookError(f"{f}: checksum mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
+                                    "the file changed after commit")
+        vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
+        self.check_dim(vectors.shape[1], f"{vdir / 'vectors.npy'}")
+        provenance = pq.read_table(vdir / "provenance.parquet")
+        index = faiss.read_index(str(vdir / "index.faiss"))
+        if not (provenance.num_rows == index.ntotal == len(vectors)) or index.d != self.dim:
+            raise CodebookError(f"{vdir}: inconsistent version: {len(vectors)} vectors, {provenance.num_rows} "
+                                f"provenance rows, index of {index.ntotal} x {index.d}")
+        self.version = version
+        self.vectors = vectors
+        self.provenance = provenance
+        self.params = json.loads((vdir / "params.json").read_text())
+        self._index = index
+
+    def search(self, vectors: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine similarity to the k nearest prototypes: (sims [n, k] float32, ids [n, k] int64), best first."""
+        if self._index is None:
+            raise CodebookError(f"no version of {self.path} is loaded: use Codebook.open")
+        q = np.asarray(vectors, dtype=np.float32)
+        if q.ndim != 2:
+            raise CodebookError(f"query vectors must be [n, D], got shape {q.shape}")
+        self.check_dim(q.shape[1], "the query")
+        k = min(int(k), self._index.ntotal)
+        return self._index.search(normalise(q), k)
+
+    def max_similarity(self, vectors: np.ndarray) -> np.ndarray:
+        """s(v) = max over prototypes of cos(v, prototype) (DESIGN.md §2 step 9)."""
+        return self.search(vectors, 1)[0][:, 0]
+
+    def lookup(self, ids) -> pa.Table:
+        """Provenance rows of prototype ids, in the order given."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.provenance.num_rows):
+            raise CodebookError(f"prototype ids out of range [0, {self.provenance.num_rows}): {ids}")
+        return self.provenance.take(pa.array(ids))
+
+
+def _names(versions: list[int]) -> str:
+    return ", ".join(version_dir_name(v) for v in versions) or "none"
+
+
+# ---- interchange with the reference code: a .pt tensor [N, D] and a .json list of sample ids -------------
+
+def export_reference(codebook: Codebook, out_prefix: str | Path) -> tuple[Path, Path]:
+    """Write <prefix>.pt (float32 tensor [N, D]) and <prefix>.json (["key:token_index", ...])."""
+    import torch  # only interchange needs torch
+
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    pt, js = out_prefix.with_name(out_prefix.name + ".pt"), out_prefix.with_name(out_prefix.name + ".json")
+    torch.save(torch.from_numpy(codebook.vectors.copy()), pt)
+    rows = codebook.provenance.select(["key", "token_index"]).to_pylist()
+    js.write_text(json.dumps([f"{r['key']}:{r['token_index']}" for r in rows]) + "\n")
+    return pt, js
+
+
+def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple[np.ndarray, pa.Table]:
+    """Read a reference-format codebook into (vectors float32 [N, D], provenance).
+
+    `torch.load(weights_only=True)` refuses any pickle global that is not a tensor building block, so a
+    crafted file is rejected, never executed. Sample ids "key:token_index" give provenance; the reference's
+    own ids are bare image ids (token_index -1). Cluster and support are unknown (-1).
+    """
+    import torch
+
+    try:
+        tensor = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, or OSError depending on the damage
+        # Keep torch's reason (e.g. "Unsupported global: GLOBAL io.open"), not its advice to disable the check.
+        lines = str(e).splitlines() or [type(e).__name__]
+        reason = next((ln.strip().split(" was not an allowed")[0] for ln in lines if "WeightsUnpickler" in ln),
+                      f"{type(e).__name__}: {lines[0]}")
+        raise CodebookError(f"{pt}: not loadable as plain tensor data (weights_only=True): {reason}") from None
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():
+        what = f"tensor {tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise CodebookError(f"{pt}: expected a 2-D float tensor [N, D], got {what}")
+    vectors = tensor.detach().to(torch.float32).numpy()
+    n = len(vectors)
+    ids = [str(i) for i in range(n)]
+    if json_path is not None:
+        try:
+            ids = json.loads(Path(json_path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CodebookError(f"{json_path}: not a readable JSON list: {e}") from None
+        if not isinstance(ids, list) or len(ids) != n:
+            raise CodebookError(f"{json_path}: expected a list of {n} sample ids (one per row of {pt})")
+    keys, tokens = [], []
+    for sample in map(str, ids):
+        key, sep, tok = sample.rpartition(":")
+        is_pair = sep and tok.isdigit()
+        keys.append(key if is_pair else sample)
+        tokens.append(int(tok) if is_pair else -1)
+    unknown = pa.array(np.full(n, -1, np.int32))
+    provenance = pa.table(
+        [pa.array(keys, pa.string()), pa.array([""] * n, pa.string()), pa.array(tokens, pa.int32()),
+         unknown, unknown, unknown],
+        schema=PROVENANCE_SCHEMA,
+    )
+    return vectors, provenance
+
+
+def import_reference(pt: str | Path, json_path: str | Path | None, codebook_dir: str | Path,
+                     model_id: str | None = None, name: str | None = None) -> int:
+    """Commit a reference-format codebook as the next version of `codebook_dir` (created if needed)."""
+    vectors, provenance = load_reference(pt, json_path)
+    cb = Codebook.open_or_create(codebook_dir, vectors.shape[1], str(pt), model_id, name)
+    source = {"pt": str(Path(pt).resolve()), "pt_sha256": sha256_file(Path(pt))}
+    if json_path is not None:
+        source |= {"json": str(Path(json_path).resolve()), "json_sha256": sha256_file(Path(json_path))}
+    return cb.commit(vectors, provenance, {"imported_from": source})
