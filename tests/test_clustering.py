@@ -1,0 +1,138 @@
+"""Global clustering stage: candidates Parquet -> prototypes -> codebook versions; extend == fresh build."""
+from __future__ import annotations
+
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vrc_dist.clustering import ClusteringError, build_version, cluster_candidates, read_candidates
+from vrc_dist.codebook import Codebook, CodebookError
+from vrc_dist.config import ClusterConfig
+
+DIM = 8
+# Four well-separated blobs: the first two in every image, the third in every fourth, the last in one image only.
+CENTRES = np.random.default_rng(123).normal(size=(4, DIM)) * 10
+
+
+def image_tokens(i: int, rng) -> list[tuple[int, np.ndarray]]:
+    blobs = [0, 0, 1] + ([2] if i % 4 == 0 else []) + ([3, 3, 3] if i == 1 else [])
+    return [(t * 7, CENTRES[b] + rng.normal(size=DIM) * 0.3) for t, b in enumerate(blobs)]
+
+
+def write_dataset(root: Path, prefix: str, n_images: int, per_shard: int = 5, dim: int = DIM) -> Path:
+    """A metric dataset dir with candidates/<shard>.parquet in the metrics_store schema."""
+    rng = np.random.default_rng(zlib.crc32(prefix.encode()))
+    (root / "candidates").mkdir(parents=True)
+    for s in range(0, n_images, per_shard):
+        shard = f"{prefix}-{s // per_shard:03d}"
+        rows = [(f"{prefix}{i:03d}", t, v) for i in range(s, min(s + per_shard, n_images))
+                for t, v in image_tokens(i, rng)]
+        flat = np.concatenate([v[:dim] for _, _, v in rows]).astype(np.float16)
+        table = pa.table({
+            "key": [r[0] for r in rows], "shard": [shard] * len(rows),
+            "token_index": pa.array([r[1] for r in rows], pa.int32()),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(flat), dim),
+        })
+        pq.write_table(table, root / "candidates" / f"{shard}.parquet")
+    return root
+
+
+def cfg(**kw) -> ClusterConfig:
+    return ClusterConfig(**{"k": 3, "n_clusters": 4, "min_images": 3, **kw})
+
+
+def test_read_sorts_pool_independently_of_order(tmp_path):
+    a = write_dataset(tmp_path / "a", "a", 8)
+    b = write_dataset(tmp_path / "b", "b", 8)
+    ab, ba = read_candidates([a, b]), read_candidates([b, a])
+    assert ab.ids.equals(ba.ids)
+    np.testing.assert_array_equal(ab.vectors, ba.vectors)
+    keys = ab.ids.column("key").to_pylist()
+    assert keys == sorted(keys) and ab.vectors.dtype == np.float32 and ab.vectors.shape[1] == DIM
+    assert [d["path"] for d in ab.datasets] == [str(a.resolve()), str(b.resolve())]
+
+
+def test_read_rejects_bad_inputs(tmp_path):
+    a = write_dataset(tmp_path / "a", "a", 4)
+    wide = write_dataset(tmp_path / "w", "w", 4, dim=4)
+    with pytest.raises(ClusteringError, match=r"w-000\.parquet: vectors have dimension 4, but .*a-000\.parquet has 8"):
+        read_candidates([a, wide])
+    dup = write_dataset(tmp_path / "dup", "a", 4)  # the same image keys again
+    with pytest.raises(ClusteringError, match="candidate a000:0 appears twice"):
+        read_candidates([a, dup])
+    with pytest.raises(ClusteringError, match="listed more than once"):
+        read_candidates([a, a])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClusteringError, match="no candidates/\\*.parquet"):
+        read_candidates([tmp_path / "empty"])
+
+
+def test_members_and_centers(tmp_path):
+    pool = read_candidates([write_dataset(tmp_path / "a", "a", 16)])
+    members = cluster_candidates(pool, cfg(prototype_mode="members"))
+    centers = cluster_candidates(pool, cfg(prototype_mode="centers"))
+    prov = members.provenance.to_pydict()
+    kept = [c for c in members.stats["clusters"] if c["kept"]]
+    assert {c["support"] for c in members.stats["clusters"]} == {16, 4, 1}  # the blobs, recovered
+    assert len(kept) == 3 and all(c["support"] > 3 for c in kept)
+    assert len(members.vectors) == sum(c["size"] for c in kept) == members.stats["n_prototypes"]
+    for c in kept:  # every member of a kept cluster, with its true distinct-image support
+        rows = [i for i, cl in enumerate(prov["cluster"]) if cl == c["cluster"]]
+        assert len(rows) == c["size"]
+        assert len({prov["key"][i] for i in rows}) == c["support"] == prov["support"][rows[0]]
+    # centers: one real member per kept cluster, the one closest to the cluster mean
+    assert centers.provenance.column("cluster").to_pylist() == [c["cluster"] for c in kept]
+    for row, vec in zip(centers.provenance.to_pylist(), centers.vectors):
+        rows = [i for i, cl in enumerate(prov["cluster"]) if cl == row["cluster"]]
+        x = members.vectors[rows].astype(np.float64)
+        medoid = rows[int(np.argmin(((x - x.mean(0)) ** 2).sum(1)))]
+        assert (prov["key"][medoid], prov["token_index"][medoid]) == (row["key"], row["token_index"])
+        np.testing.assert_array_equal(vec, members.vectors[medoid])
+        assert row["cluster_size"] == len(rows)
+    with pytest.raises(ClusteringError, match="no cluster has more than cluster.min_images=99"):
+        cluster_candidates(pool, cfg(min_images=99))
+
+
+@pytest.mark.parametrize("backend", ["exact", "flat"])
+def test_extend_equals_build_from_scratch(tmp_path, backend):
+    a = write_dataset(tmp_path / "a", "a", 12)
+    b = write_dataset(tmp_path / "b", "b", 12, per_shard=3)
+    ext = tmp_path / "extended"
+    assert build_version(ext, [a], cfg(backend=backend), model_id="toy", probe={"divergence": "reference"}) == 1
+    assert build_version(ext, [b], cfg(backend=backend), parent=1) == 2
+    assert build_version(tmp_path / "scratch", [b, a], cfg(backend=backend), model_id="toy") == 1
+    extended, scratch = Codebook.open(ext), Codebook.open(tmp_path / "scratch")
+    np.testing.assert_array_equal(extended.vectors, scratch.vectors)
+    assert extended.provenance.equals(scratch.provenance)
+    assert extended.params["parent"] == 1 and extended.params["probe"] == {"divergence": "reference"}
+    assert {d["path"] for d in extended.params["datasets"]} == {d["path"] for d in scratch.params["datasets"]}
+    assert Codebook.open(ext, version=1).params["clustering"]["n_images"] == 12
+    assert extended.params["clustering"]["n_images"] == 24
+
+
+def test_extend_refuses_a_changed_parent_pool(tmp_path):
+    a = write_dataset(tmp_path / "a", "a", 12)
+    b = write_dataset(tmp_path / "b", "b", 12)
+    build_version(tmp_path / "cb", [a], cfg(), model_id="toy")
+    os.remove(a / "candidates" / "a-002.parquet")
+    with pytest.raises(CodebookError, match="candidate pool of v0001 changed"):
+        build_version(tmp_path / "cb", [b], cfg(), parent=1)
+    with pytest.raises(ClusteringError, match="listed more than once"):
+        build_version(tmp_path / "cb", [a], cfg(), parent=1)
+
+
+def test_build_into_existing_codebook_checks_model_and_dim(tmp_path):
+    a = write_dataset(tmp_path / "a", "a", 12)
+    build_version(tmp_path / "cb", [a], cfg(), model_id="toy")
+    with pytest.raises(CodebookError, match="is for model 'toy', not 'other'"):
+        build_version(tmp_path / "cb", [a], cfg(), model_id="other")
+    with pytest.raises(CodebookError, match="give the model id"):
+        build_version(tmp_path / "new", [a], cfg())
+    wide = write_dataset(tmp_path / "w", "w", 12, dim=4)
+    with pytest.raises(CodebookError, match="dim mismatch: codebook .* has dim 8, the candidates .* has dim 4"):
+        build_version(tmp_path / "cb", [wide], cfg())

@@ -1,0 +1,178 @@
+"""Global clustering stage (DESIGN.md §2 step 8): candidates of metric datasets -> a codebook version.
+
+All candidates are sorted by (key, token_index) before clustering, so the result depends only on the set of
+candidates, not on file or dataset order. That is what makes extending v1 (datasets A) with B produce exactly
+the prototypes of a fresh build on A + B: both cluster the same sorted pool with the same seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vrc_dist.codebook import PROVENANCE_SCHEMA, Codebook, CodebookError, sha256_file
+from vrc_dist.config import ClusterConfig
+from vrc_dist.dpc import dpc_knn
+
+CANDIDATE_COLUMNS = ["key", "shard", "token_index", "vector"]
+
+
+class ClusteringError(ValueError):
+    pass
+
+
+@dataclass
+class CandidatePool:
+    """Every candidate of some metric datasets, sorted by (key, token_index)."""
+
+    ids: pa.Table  # key, shard, token_index
+    vectors: np.ndarray  # float32 [N, D]
+    datasets: list[dict]  # {"path", "candidates": {file name: sha256}}, as recorded in a version
+
+
+@dataclass
+class Prototypes:
+    vectors: np.ndarray  # float32 [P, D]
+    provenance: pa.Table  # PROVENANCE_SCHEMA
+    stats: dict
+
+
+def _read_candidate_file(path: Path) -> tuple[pa.Table, np.ndarray]:
+    try:
+        table = pq.read_table(path, columns=CANDIDATE_COLUMNS)
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise ClusteringError(f"{path}: not a candidates file with columns {CANDIDATE_COLUMNS}: {e}") from None
+    vtype = table.schema.field("vector").type
+    if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
+        raise ClusteringError(f"{path}: column vector must be fixed_size_list<float16>[D], got {vtype}")
+    flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    vectors = flat.astype(np.float32).reshape(table.num_rows, vtype.list_size)
+    ids = table.select(["key", "shard", "token_index"]).cast(
+        pa.schema([("key", pa.string()), ("shard", pa.string()), ("token_index", pa.int32())])
+    )
+    return ids, vectors
+
+
+def read_candidates(dataset_dirs: list[str | Path]) -> CandidatePool:
+    """Read `<dir>/candidates/*.parquet` of every dataset; all must share one embedding dimension."""
+    paths = [Path(d).resolve() for d in dataset_dirs]
+    repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise ClusteringError(f"dataset listed more than once: {repeated}")
+    id_tables, vector_blocks, files, datasets = [], [], [], []
+    dim, dim_source = None, None
+    for d in paths:
+        cand_files = sorted((d / "candidates").glob("*.parquet"))
+        if not cand_files:
+            raise ClusteringError(f"no candidates/*.parquet in metric dataset {d}")
+        datasets.append({"path": str(d), "candidates": {f.name: sha256_file(f) for f in cand_files}})
+        for f in cand_files:
+            ids, vectors = _read_candidate_file(f)
+            if dim is None:
+                dim, dim_source = vectors.shape[1], f
+            elif vectors.shape[1] != dim:
+                raise ClusteringError(f"{f}: vectors have dimension {vectors.shape[1]}, but {dim_source} has {dim}")
+            id_tables.append(ids.append_column("file", pa.array(np.full(ids.num_rows, len(files), np.int32))))
+            vector_blocks.append(vectors)
+            files.append(f)
+    ids = pa.concat_tables(id_tables).append_column("row", pa.array(np.arange(sum(map(len, vector_blocks)))))
+    if ids.num_rows == 0:
+        raise ClusteringError(f"no candidates in {[str(p) for p in paths]}: nothing to cluster")
+    ids = ids.sort_by([("key", "ascending"), ("token_index", "ascending")])
+    _check_unique(ids, files)
+    order = ids.column("row").to_numpy()
+    vectors = np.concatenate(vector_blocks)[order]
+    return CandidatePool(ids.select(["key", "shard", "token_index"]), vectors, datasets)
+
+
+def _check_unique(ids: pa.Table, files: list[Path]) -> None:
+    """A token probed twice (the same image in two datasets) would count double; refuse it, naming both files."""
+    if ids.num_rows < 2:
+        return
+    key, tok = ids.column("key"), ids.column("token_index")
+    same = pc.and_(pc.equal(key[1:], key[:-1]), pc.equal(tok[1:], tok[:-1])).to_numpy(zero_copy_only=False)
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        f = ids.column("file")
+        raise ClusteringError(f"candidate {key[i]}:{tok[i]} appears twice: in {files[f[i].as_py()]} "
+                              f"and {files[f[i + 1].as_py()]}")
+
+
+def cluster_candidates(pool: CandidatePool, cfg: ClusterConfig) -> Prototypes:
+    """DPC-KNN over the pool; keep clusters seen in more than cfg.min_images distinct images."""
+    if cfg.prototype_mode not in ("members", "centers"):
+        raise ClusteringError(f"cluster.prototype_mode must be members or centers, got {cfg.prototype_mode!r}")
+    n = len(pool.vectors)
+    result = dpc_knn(pool.vectors, k=cfg.k, n_clusters=cfg.n_clusters, seed=cfg.seed, backend=cfg.backend,
+                     use_gpu=cfg.use_gpu)
+    labels, n_clusters = np.asarray(result.labels, np.int64), len(result.centers)  # fewer when N < n_clusters
+    keys = pool.ids.column("key")
+    # The pool is sorted by key, so image codes are a running count of key changes.
+    image = np.concatenate([[0], np.cumsum(pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False))])
+    n_images = int(image[-1]) + 1
+    pairs = np.unique(labels * n_images + image)
+    support = np.bincount(pairs // n_images, minlength=n_clusters)
+    size = np.bincount(labels, minlength=n_clusters)
+    kept = support > cfg.min_images
+    clusters = [{"cluster": c, "size": int(size[c]), "support": int(support[c]), "kept": bool(kept[c])}
+                for c in range(n_clusters)]
+    if not kept.any():
+        raise ClusteringError(f"no cluster has more than cluster.min_images={cfg.min_images} distinct images "
+                              f"(largest support: {support.max()} of {n_images} images); lower min_images")
+
+    members = np.flatnonzero(kept[labels])
+    members = members[np.argsort(labels[members], kind="stable")]  # grouped by cluster, pool order within
+    if cfg.prototype_mode == "members":
+        chosen = members
+    else:
+        chosen = np.array([_medoid(pool.vectors, group) for group in
+                           np.split(members, np.cumsum(size[np.flatnonzero(kept)])[:-1])])
+    cl = labels[chosen]
+    provenance = pool.ids.take(pa.array(chosen)).append_column("cluster", pa.array(cl, pa.int32()))
+    provenance = provenance.append_column("support", pa.array(support[cl], pa.int32()))
+    provenance = provenance.append_column("cluster_size", pa.array(size[cl], pa.int32())).cast(PROVENANCE_SCHEMA)
+    stats = {"n_candidates": n, "n_images": n_images, "n_clusters": n_clusters,
+             "n_kept_clusters": int(kept.sum()), "n_prototypes": len(chosen), "clusters": clusters}
+    return Prototypes(pool.vectors[chosen], provenance, stats)
+
+
+def _medoid(vectors: np.ndarray, members: np.ndarray) -> int:
+    """The member closest to the cluster mean: a real token, so the prototype keeps its provenance."""
+    x = vectors[members].astype(np.float64)
+    return int(members[np.argmin(((x - x.mean(axis=0)) ** 2).sum(axis=1))])
+
+
+def build_version(codebook_dir: str | Path, dataset_dirs: list[str | Path], cluster_cfg: ClusterConfig,
+                  parent: int | None = None, model_id: str | None = None, name: str | None = None,
+                  probe: dict | None = None) -> int:
+    """Cluster the candidates of `dataset_dirs` (plus the parent version's pool) and commit the next version.
+
+    With a parent this is *extend*: the parent's datasets are re-read, checked against the checksums recorded
+    at its commit (a changed pool would make the new version silently different from a fresh build), and
+    clustered together with the new datasets. `probe` (probe config, divergence convention) is recorded as given;
+    an extension without one inherits the parent's. The codebook is created when it does not exist yet.
+    """
+    codebook_dir = Path(codebook_dir)
+    previous: list[dict] = []
+    if parent is not None:
+        base = Codebook.open(codebook_dir, version=parent)
+        if "imported_from" in base.params:
+            raise CodebookError(f"v{parent:04d} of {codebook_dir} was imported and has no candidate pool to extend")
+        previous = base.params["datasets"]
+        probe = base.params.get("probe") if probe is None else probe
+    pool = read_candidates([d["path"] for d in previous] + list(dataset_dirs))
+    for recorded, current in zip(previous, pool.datasets):
+        if recorded != current:
+            raise CodebookError(f"candidate pool of v{parent:04d} changed since its commit: {recorded['path']} "
+                                f"had files {sorted(recorded['candidates'])}, now {sorted(current['candidates'])} "
+                                "(or their checksums differ)")
+    protos = cluster_candidates(pool, cluster_cfg)
+    store = Codebook.open_or_create(codebook_dir, pool.vectors.shape[1],
+                                    f"the candidates of {[d['path'] for d in pool.datasets]}", model_id, name)
+    params = {"cluster": dataclasses.asdict(cluster_cfg), "probe": probe, "clustering": protos.stats}
+    return store.commit(protos.vectors, protos.provenance, params, parent=parent, datasets=pool.datasets)
