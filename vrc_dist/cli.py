@@ -1,0 +1,34 @@
+"""The `vrc` command. Each stage module contributes its subcommands through `register(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One line per module that adds subcommands; each defines register(subparsers).
+SUBCOMMAND_MODULES = [
+    "vrc_dist.toy.cli",
+    "vrc_dist.codebook_cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vrc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        # Clear, one-line errors for bad input; tracebacks are for bugs.
+        print(f"vrc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
