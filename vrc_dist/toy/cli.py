@@ -1,0 +1,66 @@
+"""`vrc toy make-shards | train | eval`: the embedded default world and model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vrc_dist.toy import TOY_MODEL_DIR
+
+
+def _make_shards(args) -> int:
+    from vrc_dist.toy.write_shards import make_shards
+
+    paths = make_shards(args.out, args.shards, args.per_shard, seed=args.seed, split=args.split, progress=True)
+    print(f"wrote {len(paths)} {args.split} shards x {args.per_shard} images to {args.out}")
+    return 0
+
+
+def _train(args) -> int:
+    from vrc_dist.config import load
+    from vrc_dist.toy.train import TrainConfig, train
+
+    cfg = load(TrainConfig, args.config, [f"shards={args.shards}", f"out={args.out}", *args.set])
+    print(json.dumps(train(cfg), indent=2))
+    return 0
+
+
+def _eval(args) -> int:
+    from vrc_dist.toy.data import load_shard_samples
+    from vrc_dist.toy.evaluate import format_accuracy, load_checkpoint, toy_accuracy
+
+    shards = sorted(Path(args.shards).glob("*.tar")) if Path(args.shards).is_dir() else [Path(args.shards)]
+    samples = load_shard_samples(shards)
+    if not samples:
+        raise FileNotFoundError(f"no toy shards at {args.shards}")
+    model, processor = load_checkpoint(TOY_MODEL_DIR if args.model == "toy" else args.model)
+    result = toy_accuracy(model, processor, samples)
+    print(f"held-out accuracy of {args.model} on {len(samples)} images from {args.shards}:")
+    print(format_accuracy(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def register(sub) -> None:
+    toy = sub.add_parser("toy", help="the toy world and its tiny LLaVA").add_subparsers(dest="toy_command", required=True)
+
+    p = toy.add_parser("make-shards", help="write synthetic WebDataset shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--per-shard", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("train", "eval"), default="train")
+    p.set_defaults(func=_make_shards)
+
+    p = toy.add_parser("train", help="train the tiny LLaVA on train shards (CPU, minutes)")
+    p.add_argument("--shards", default="out/toy/train", help="directory of train-*.tar")
+    p.add_argument("--out", default=str(TOY_MODEL_DIR))
+    p.add_argument("--config", help="YAML/TOML TrainConfig")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_train)
+
+    p = toy.add_parser("eval", help="held-out accuracy per question type")
+    p.add_argument("--model", default="toy")
+    p.add_argument("--shards", required=True, help="an eval shard or a directory of them")
+    p.add_argument("--json", help="also write the result as JSON")
+    p.set_defaults(func=_eval)

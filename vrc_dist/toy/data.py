@@ -1,0 +1,58 @@
+"""Toy samples from shards, encoded once for training and evaluation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+import webdataset as wds
+
+
+def load_shard_samples(paths) -> list[dict]:
+    """Every sample of the given toy shards: {'key', 'image' (HWC uint8), 'meta'} in shard order."""
+    urls = [str(p) for p in paths]
+    if not urls:
+        return []
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")
+    return [{"key": s["__key__"], "image": s["png"], "meta": s["json"]} for s in dataset]
+
+
+@dataclass
+class EncodedQA:
+    """One row per (image, question): token ids around the image placeholder and the answer id."""
+
+    prefix: list[int] = field(default_factory=list)  # shared: everything before the image
+    image: np.ndarray = None  # index into the pixel tensor
+    suffix: list[tuple[int, ...]] = field(default_factory=list)
+    answer: list[int] = field(default_factory=list)
+    qtype: list[str] = field(default_factory=list)
+
+
+def prompt_ids(processor, question: str) -> tuple[list[int], list[int]]:
+    """Token ids before and after the single image placeholder, from the model's own chat template."""
+    return _prompt_ids(processor, question)
+
+
+@lru_cache(maxsize=1024)
+def _prompt_ids(processor, question):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = processor.tokenizer(text)["input_ids"]
+    pos = ids.index(processor.image_token_id)
+    return ids[:pos], ids[pos + 1:]
+
+
+def encode_samples(samples: list[dict], processor) -> tuple[torch.Tensor, EncodedQA]:
+    pixels = torch.from_numpy(np.stack([s["image"] for s in samples])).permute(0, 3, 1, 2).contiguous()
+    enc, image_index = EncodedQA(), []
+    for i, s in enumerate(samples):
+        for qa in s["meta"]["qa"]:
+            prefix, suffix = prompt_ids(processor, qa["question"])
+            enc.prefix = prefix
+            image_index.append(i)
+            enc.suffix.append(tuple(suffix))
+            enc.answer.append(processor.tokenizer.convert_tokens_to_ids(qa["answer"]))
+            enc.qtype.append(qa["type"])
+    enc.image = np.asarray(image_index)
+    return pixels, enc
