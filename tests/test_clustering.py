@@ -136,3 +136,30 @@ def test_build_into_existing_codebook_checks_model_and_dim(tmp_path):
     wide = write_dataset(tmp_path / "w", "w", 12, dim=4)
     with pytest.raises(CodebookError, match="dim mismatch: codebook .* has dim 8, the candidates .* has dim 4"):
         build_version(tmp_path / "cb", [wide], cfg())
+
+
+def test_cli_list_show_diff_export_import(tmp_path, capsys):
+    from vrc_dist.cli import main
+
+    a = write_dataset(tmp_path / "a", "a", 12)
+    b = write_dataset(tmp_path / "b", "b", 12)
+    cb = str(tmp_path / "cb")
+    build_version(cb, [a], cfg(), model_id="toy")
+    build_version(cb, [b], cfg(prototype_mode="centers"), parent=1)
+    capsys.readouterr()
+    assert main(["codebook", "list", "--codebook", str(tmp_path)]) == 0
+    assert "cb  model=toy  dim=8  latest=v0002  (2 versions)" in capsys.readouterr().out
+    assert main(["codebook", "show", "--codebook", cb, "--version", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "checksums verified" in out and "36 prototypes" in out and "2 of 4 clusters kept" in out
+    assert main(["codebook", "diff", "--codebook", cb, "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"+ dataset {b.resolve()}" in out and 'cluster.prototype_mode: "members" -> "centers"' in out
+    prefix = str(tmp_path / "ref")
+    assert main(["codebook", "export", "--codebook", cb, "--out", prefix]) == 0
+    assert main(["codebook", "import", "--codebook", str(tmp_path / "imp"), prefix + ".pt", prefix + ".json",
+                 "--model-id", "toy"]) == 0
+    np.testing.assert_array_equal(Codebook.open(tmp_path / "imp").vectors, Codebook.open(cb).vectors)
+    capsys.readouterr()
+    assert main(["codebook", "show", "--codebook", cb, "--version", "7"]) == 2
+    assert "v0007 not in codebook" in capsys.readouterr().err

@@ -253,3 +253,35 @@ def test_import_never_unpickles_objects(tmp_path):
     for name, what in [("dict.pt", "dict"), ("vec.pt", r"tensor \(16,\)"), ("int.pt", "torch.int64")]:
         with pytest.raises(CodebookError, match=f"{name}: expected a 2-D float tensor.*{what}"):
             load_reference(tmp_path / name)
+
+
+def test_cli_query_with_a_real_tiny_llava(tmp_path, capsys):
+    """Prototypes = the image's own visual tokens, so each token's nearest prototype is itself (cosine 1)."""
+    from PIL import Image
+
+    import tiny_models
+    from vrc_dist.cli import main
+    from vrc_dist.config import ProbeConfig
+    from vrc_dist.probe import Prober
+
+    model = tiny_models.save("llava", tmp_path / "tiny-llava")
+    image = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
+    tokens, (gh, gw) = Prober(ProbeConfig(model=str(model))).visual_tokens(Image.open(image).convert("RGB"))
+    n, dim = tokens.shape
+    prov = pa.table({"key": ["img"] * n, "shard": ["s"] * n, "token_index": list(range(n)), "cluster": [0] * n,
+                     "support": [1] * n, "cluster_size": [n] * n}, schema=PROVENANCE_SCHEMA)
+    Codebook.create(tmp_path / "cb", "self", str(model), dim).commit(tokens, prov, {})
+    capsys.readouterr()
+    args = ["codebook", "query", "--codebook", str(tmp_path / "cb"), "--model", str(model), "--image", str(image)]
+    assert main(args + ["--k", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["grid"] == [gh, gw] and len(result["tokens"]) == n == gh * gw
+    for t in result["tokens"]:
+        assert t["neighbours"][0]["token_index"] == t["token_index"] and len(t["neighbours"]) == 2
+        assert t["redundancy"] == pytest.approx(1.0, abs=1e-5)
+    assert main(args) == 0
+    assert "redundancy map" in capsys.readouterr().out
+    Codebook.create(tmp_path / "wide", "w", "m", dim + 1).commit(np.ones((1, dim + 1), np.float32), prov.slice(0, 1), {})
+    assert main(args[:2] + ["--codebook", str(tmp_path / "wide")] + args[4:]) == 2
+    assert f"has dim {dim + 1}, model {model} has dim {dim}" in capsys.readouterr().err
