@@ -34,7 +34,8 @@ def write_shard(path: Path, split: str, seed: int, shard: int, per_shard: int, s
     # Written under a temporary name and renamed when complete: a reader never sees half a tar.
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with wds.TarWriter(str(tmp)) as sink:
+        # A fixed mtime makes shards byte-for-byte reproducible from their seed.
+        with wds.TarWriter(str(tmp), mtime=0) as sink:
             for i in range(per_shard):
                 image, meta = render(split, seed, shard, i, spec)
                 buf = io.BytesIO()

@@ -1,0 +1,99 @@
+"""The toy world: shards round-trip through webdataset, are deterministic, and splits never overlap."""
+import hashlib
+import io
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from vrc_dist.toy.world import COLOURS, SHAPES, render
+from vrc_dist.toy.write_shards import make_shards
+
+
+def _read(paths):
+    ds = wds.WebDataset([str(p) for p in paths], shardshuffle=False, empty_check=False)
+    return [(s["__key__"], s["png"], json.loads(s["json"])) for s in ds]
+
+
+def test_shards_round_trip_through_webdataset(tmp_path):
+    paths = make_shards(tmp_path, shards=2, per_shard=5, seed=3, split="eval")
+    samples = _read(paths)
+    assert [k for k, _, _ in samples] == [f"eval-s3-{s:05d}-{i:05d}" for s in range(2) for i in range(5)]
+    for key, png, meta in samples:
+        _, shard, index = key.rsplit("-", 2)
+        image, expected = render("eval", 3, int(shard), int(index))
+        assert meta == json.loads(json.dumps(expected))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(image))
+
+
+def test_mask_matches_object_pixels():
+    for i in range(20):
+        image, meta = render("train", 0, 0, i)
+        coverage = np.asarray(meta["coverage"])
+        mask = np.asarray(meta["mask"])
+        patch_pixels = (meta["size"][0] // meta["grid"][0]) ** 2
+        # Every visible object pixel lies in exactly one patch, so areas and coverage must agree.
+        assert np.isclose(coverage.sum() * patch_pixels, sum(o["area"] for o in meta["objects"]), atol=0.01 * 144)
+        assert ((mask > 0) == (coverage > 0)).all()
+        assert set(np.unique(mask)) <= set(range(len(meta["objects"]) + 1))
+
+
+def test_world_vocabulary_and_answers():
+    metas = [render("train", 1, 0, i)[1] for i in range(50)]
+    for m in metas:
+        assert 1 <= len(m["objects"]) <= 3
+        assert m["qa"][0]["type"] == "single"
+        assert m["answer"] == max(m["objects"], key=lambda o: o["area"])["shape"]
+        assert all(o["shape"] in SHAPES and o["colour"] in COLOURS for o in m["objects"])
+    assert len({m["background"] for m in metas}) >= 3
+    assert len({o["shape"] for m in metas for o in m["objects"]}) == len(SHAPES)
+
+
+def test_same_seed_same_bytes_other_seed_other_images(tmp_path):
+    a = make_shards(tmp_path / "a", 1, 6, seed=7)
+    b = make_shards(tmp_path / "b", 1, 6, seed=7)
+    c = make_shards(tmp_path / "c", 1, 6, seed=8)
+    assert a[0].read_bytes() == b[0].read_bytes()
+    assert [png for _, png, _ in _read(a)] != [png for _, png, _ in _read(c)]
+
+
+def test_train_and_eval_splits_share_no_image(tmp_path):
+    def digests(split):
+        paths = make_shards(tmp_path / split, 2, 50, seed=0, split=split)
+        return {hashlib.sha256(np.asarray(Image.open(io.BytesIO(p))).tobytes()).hexdigest() for _, p, _ in _read(paths)}
+
+    assert not digests("train") & digests("eval")
+
+
+@pytest.mark.parametrize("shards,per_shard,message", [(0, 5, "--shards"), (2, -1, "--per-shard"), (-3, 5, "--shards")])
+def test_bad_counts_fail_clearly(tmp_path, shards, per_shard, message):
+    with pytest.raises(ValueError, match=message):
+        make_shards(tmp_path, shards, per_shard)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_directory_fails_clearly(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="cannot create output directory"):
+        make_shards(blocker / "shards", 1, 1)
+
+
+def test_failure_mid_shard_leaves_no_partial_tar(tmp_path, monkeypatch):
+    import vrc_dist.toy.write_shards as ws
+
+    calls = {"n": 0}
+    real = ws.render
+
+    def flaky(*args, **kwargs):  # a crash we cannot otherwise cause deterministically
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise RuntimeError("renderer crashed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ws, "render", flaky)
+    with pytest.raises(RuntimeError):
+        make_shards(tmp_path, shards=2, per_shard=5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.tar"]  # the complete one only
