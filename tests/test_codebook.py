@@ -137,6 +137,15 @@ def test_crash_mid_commit_leaves_previous_versions_loadable(book, step):
     assert [v["version"] for v in manifest["versions"]] == list(range(1, nxt + 1))
 
 
+def test_incomplete_version_dir_is_skipped_not_reused(book):
+    commit(book, seed=1)
+    (book / "v0002").mkdir()  # e.g. a partial copy: no SHA256SUMS
+    (book / "v0002" / "vectors.npy").write_bytes(b"partial")
+    assert Codebook.open(book).version == 1
+    assert commit(book, seed=2) == 3
+    assert Codebook.at(book).versions() == [1, 3]
+
+
 @pytest.mark.parametrize("name", ["vectors.npy", "provenance.parquet", "index.faiss", "params.json"])
 def test_tampered_file_is_named(book, name):
     commit(book, seed=1)

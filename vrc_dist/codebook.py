@@ -114,6 +114,14 @@ def _read_checksums(vdir: Path) -> dict[str, str] | None:
     return sums if all(f in sums for f in VERSION_FILES) else None
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -180,23 +188,23 @@ class Codebook:
             raise CodebookError(f"{path / MANIFEST}: missing {missing}")
         return cls(path, manifest)
 
+    def _numbered_dirs(self) -> dict[int, Path]:
+        return {int(m.group(1)): e for e in self.path.iterdir() if (m := _VERSION_DIR.match(e.name)) and e.is_dir()}
+
     def versions(self) -> list[int]:
         """Complete versions, from the directories themselves (the manifest may lag behind after a crash)."""
-        found = []
-        for entry in self.path.iterdir():
-            m = _VERSION_DIR.match(entry.name)
-            if m and entry.is_dir() and _read_checksums(entry) is not None:
-                found.append(int(m.group(1)))
-        return sorted(found)
+        return sorted(v for v, d in self._numbered_dirs().items() if _read_checksums(d) is not None)
 
     def version_params(self, version: int) -> dict:
         """params.json of a version, unverified (for listings; `open` verifies)."""
         return json.loads((self.path / version_dir_name(version) / "params.json").read_text())
 
     def _write_manifest(self) -> None:
-        # Rebuilt from the directories under a lock, so concurrent writers cannot drop each other's entries.
-        with open(self.path / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # Rebuilt from the directories under a lock (on the directory itself: no lock file to leave behind),
+        # so concurrent writers cannot drop each other's entries.
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             entries = []
             for v in self.versions():
                 p = self.version_params(v)
@@ -207,6 +215,8 @@ class Codebook:
             manifest = {"format": FORMAT, "name": self.name, "model_id": self.model_id, "dim": self.dim,
                         "versions": entries}
             _write_json_atomic(self.path / MANIFEST, manifest)
+        finally:
+            os.close(fd)  # releases the lock
 
     def commit(self, vectors: np.ndarray, provenance: pa.Table, params: dict,
                parent: int | None = None, datasets: list[dict] | tuple = ()) -> int:
@@ -234,7 +244,8 @@ class Codebook:
         existing = self.versions()
         if parent is not None and parent not in existing:
             raise CodebookError(f"parent version {parent} not in {self.path}; available: {_names(existing)}")
-        version = (existing[-1] if existing else 0) + 1
+        # Numbered after every vNNNN directory, complete or not: a damaged one is skipped, never reused.
+        version = max(self._numbered_dirs(), default=0) + 1
         meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
                 "dim": self.dim, "n_prototypes": len(vectors), "datasets": list(datasets)}
 
@@ -248,8 +259,9 @@ class Codebook:
             (tmp / "params.json").write_text(json.dumps({**meta, **params}, indent=2, sort_keys=True) + "\n")
             sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in VERSION_FILES)
             (tmp / CHECKSUMS).write_text(sums)
-            for f in (*VERSION_FILES, CHECKSUMS):  # read-only: a version is never edited in place
-                os.chmod(tmp / f, 0o444)
+            for f in (*VERSION_FILES, CHECKSUMS):
+                os.chmod(tmp / f, 0o444)  # read-only: a version is never edited in place
+                _fsync(tmp / f)  # on disk before the rename makes the version visible
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             try:
                 os.rename(tmp, self.path / version_dir_name(version))
@@ -262,6 +274,7 @@ class Codebook:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(self.path)  # the rename itself
         self._write_manifest()
         return version
 
