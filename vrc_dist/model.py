@@ -1,0 +1,325 @@
+"""Adapter over the `transformers` LLaVA classes: what the probe needs, and nothing it doesn't.
+
+The probe sees every LLaVA variant the same way: an image becomes L projected visual tokens on a
+(gh, gw) grid, and any block of n token embeddings can be spliced between the prompt's prefix and
+suffix to get the first generated token's logits.
+- LLaVA-NeXT and OneVision: only the base image (the whole picture resized to the tower's input) is
+  used; the anyres tiles and newline embeddings are left out, so the grid is the tower's patch grid.
+- SigLIP towers (OneVision) have no CLS token: `cls` is None and the probe's cls_sim is NaN.
+- Batched logits reuse the prompt prefix's KV cache, computed once per prompt and expanded to the
+  batch, and a forward never holds more than `token_budget` tokens (batch x full sequence length).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    DynamicCache,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
+
+from vrc_dist.config import DEFAULT_PROMPT
+
+MODEL_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    pass
+
+
+@dataclass
+class VisualFeatures:
+    """One image as the model sees it, before the language model."""
+
+    cls: torch.Tensor | None  # [Dv] ViT CLS at the feature layer; None for towers without one
+    patches: torch.Tensor  # [L, Dv] ViT patch features at the feature layer, raster order
+    tokens: torch.Tensor  # [L, D] projected visual tokens, in the LLM's input-embedding space
+    grid: tuple[int, int]  # (gh, gw), L = gh * gw
+
+
+@dataclass
+class KVContext:
+    """Per-layer keys/values of a batch-1 sequence, reusable as a cached prefix of any length <= `length`."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # each [1, heads, length, head_dim]
+    length: int
+
+
+def resolve_checkpoint(path_or_toy: str) -> Path:
+    """Local directory of a LLaVA checkpoint: "toy", a path, or a hub id already in the local cache."""
+    if path_or_toy == "toy":
+        from vrc_dist.toy import TOY_MODEL_DIR
+
+        path = Path(TOY_MODEL_DIR)
+    else:
+        path = Path(path_or_toy).expanduser()
+        if not path.exists() and path_or_toy.count("/") == 1:
+            path = _hub_cache_dir(path_or_toy) or path
+    if not path.is_dir():
+        raise ModelError(f"model {path_or_toy!r}: {path} is not a directory (nor a hub id in the local cache)")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"model {path_or_toy!r}: no config.json in {path}")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ModelError(
+            f"model {path_or_toy!r}: config.json model_type {model_type!r}, expected one of {', '.join(MODEL_CLASSES)}"
+        )
+    return path
+
+
+def _hub_cache_dir(repo_id: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def checkpoint_revision(path: Path) -> str:
+    """The hub snapshot hash when loaded from the hub cache, else a digest of config and weight files.
+
+    Small checkpoints are hashed whole; for large ones the safetensors headers (tensor names, shapes,
+    offsets) and file sizes stand in, so identifying a 14 GB model costs no full read.
+    """
+    if path.parent.name == "snapshots":
+        return path.name
+    digest = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.suffix not in (".json", ".safetensors", ".bin") or not f.is_file():
+            continue
+        digest.update(f.name.encode())
+        size = f.stat().st_size
+        digest.update(str(size).encode())
+        with f.open("rb") as fh:
+            digest.update(fh.read() if size < 64 << 20 else fh.read(1 << 20))
+    return "sha256:" + digest.hexdigest()[:16]
+
+
+def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"dtype {dtype!r}; expected auto or one of {', '.join(DTYPES)}")
+    return dev, DTYPES[dtype]
+
+
+def load_llava(
+    path_or_toy: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    prompt: str = DEFAULT_PROMPT,
+    pad_token_id: int | None = None,
+    token_budget: int = 65536,
+) -> LlavaAdapter:
+    path = resolve_checkpoint(path_or_toy)
+    dev, dt = resolve_device_dtype(device, dtype)
+    model_type = json.loads((path / "config.json").read_text())["model_type"]
+    model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dt).to(dev).eval()
+    # The image processor and tokenizer, not the full processor: the probe never lets the processor
+    # expand the image placeholder, and OneVision's processor object needs torchvision for video.
+    return LlavaAdapter(
+        model,
+        AutoImageProcessor.from_pretrained(path),
+        AutoTokenizer.from_pretrained(path),
+        model_id=str(path_or_toy),
+        revision=checkpoint_revision(path),
+        prompt=prompt,
+        pad_token_id=pad_token_id,
+        token_budget=token_budget,
+    )
+
+
+class LlavaAdapter:
+    def __init__(
+        self,
+        model,
+        image_processor,
+        tokenizer,
+        model_id: str,
+        revision: str = "",
+        prompt: str = DEFAULT_PROMPT,
+        pad_token_id: int | None = None,
+        token_budget: int = 65536,
+    ):
+        self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.model_id, self.revision = model_id, revision
+        self.config = model.config
+        self.device, self.dtype = model.device, model.dtype
+        self.token_budget = token_budget
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.language_model = model.model.language_model
+        self.lm_head = model.lm_head
+        self.pad_token_id = self._pad_token_id(pad_token_id)
+        embed = model.get_input_embeddings()
+        with torch.no_grad():
+            self.pad_embedding = embed(torch.tensor([self.pad_token_id], device=self.device))[0]
+            prefix_ids, suffix_ids = self._prompt_ids(prompt)
+            self.prefix_embeddings = embed(prefix_ids.to(self.device))
+            self.suffix_embeddings = embed(suffix_ids.to(self.device))
+        self.prompt = prompt
+        self._prefix_context: KVContext | None = None
+
+    def _pad_token_id(self, override: int | None) -> int:
+        candidates = (override, self.tokenizer.pad_token_id, getattr(self.config.get_text_config(), "pad_token_id", None))
+        pad = next((c for c in candidates if c is not None), None)
+        if pad is None:
+            raise ModelError(f"{self.model_id}: no pad token id in the tokenizer or config; set probe pad_token_id")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if not 0 <= pad < vocab:
+            raise ModelError(f"{self.model_id}: pad token id {pad} outside the embedding table (size {vocab})")
+        return int(pad)
+
+    def _prompt_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids before and after the image placeholder of the chat-templated prompt.
+
+        Tokenized as the LLaVA processors do (the tokenizer's defaults, BOS included) but with the
+        placeholder left unexpanded, so it marks where every visual block goes.
+        """
+        if not self.tokenizer.chat_template:
+            raise ModelError(f"{self.model_id}: the tokenizer has no chat template to build the prompt with")
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"][0]
+        where = (ids == self.config.image_token_id).nonzero().flatten()
+        if len(where) != 1:
+            raise ModelError(
+                f"{self.model_id}: the templated prompt has {len(where)} image placeholders "
+                f"(id {self.config.image_token_id}), expected 1: {text!r}"
+            )
+        return ids[: where[0]], ids[where[0] + 1 :]
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    # ---- vision side -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image) -> VisualFeatures:
+        pixels = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        if pixels.dim() == 5:  # anyres: [images, tiles, C, H, W]; tile 0 is the whole image resized
+            pixels = pixels[:, 0]
+        pixels = pixels.to(self.device, self.dtype)
+        patch = self.config.vision_config.patch_size
+        grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+        hidden = self.vision_tower(pixels, output_hidden_states=True).hidden_states
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        selected = torch.cat([hidden[i] for i in layers], dim=-1)[0]
+        n_patches = grid[0] * grid[1]
+        has_cls = selected.shape[0] == n_patches + 1
+        cls = selected[0] if has_cls else None
+        strategy = self.config.vision_feature_select_strategy
+        features = selected[1:] if strategy == "default" else selected
+        if features.shape[0] != n_patches:
+            raise ModelError(
+                f"{self.model_id}: {features.shape[0]} visual tokens (strategy {strategy!r}) do not form the "
+                f"{grid[0]}x{grid[1]} patch grid; the probe's windows need one token per patch"
+            )
+        patches = selected[1:] if has_cls else selected
+        return VisualFeatures(cls=cls, patches=patches, tokens=self.projector(features), grid=grid)
+
+    # ---- language side -----------------------------------------------------------------------
+
+    def sequence_length(self, n: int) -> int:
+        """Full sequence length with a visual block of n tokens."""
+        return len(self.prefix_embeddings) + n + len(self.suffix_embeddings)
+
+    def batch_size(self, n: int) -> int:
+        """How many blocks of n tokens fit in one forward under the token budget."""
+        return max(1, self.token_budget // self.sequence_length(n))
+
+    @torch.no_grad()
+    def context(self, block: torch.Tensor | None = None) -> KVContext:
+        """KV cache of the prefix followed by `block` [n, D]; the prefix alone is cached per prompt."""
+        if block is None and self._prefix_context is not None:
+            return self._prefix_context
+        seq = self.prefix_embeddings if block is None else torch.cat([self.prefix_embeddings, block])
+        cache = DynamicCache(config=self.config.get_text_config())
+        self.language_model(inputs_embeds=seq[None], past_key_values=cache, use_cache=True)
+        if any(layer.is_sliding for layer in cache.layers):
+            raise ModelError(f"{self.model_id}: sliding-window attention layers; KV reuse is not supported")
+        ctx = KVContext([(layer.keys, layer.values) for layer in cache.layers], len(seq))
+        if block is None:
+            self._prefix_context = ctx
+        return ctx
+
+    @torch.no_grad()
+    def first_token_logits(
+        self, blocks: torch.Tensor, context: KVContext | None = None, shared: int = 0
+    ) -> torch.Tensor:
+        """First-token logits [B, V] (float32) for visual blocks [B, n, D] spliced into the prompt.
+
+        `context` caches the prefix plus a block whose first `shared` tokens all of `blocks` share
+        (default: the prefix alone); only the rest of each block and the suffix are computed.
+        """
+        context = context or self.context()
+        reused = len(self.prefix_embeddings) + shared
+        if reused > context.length:
+            raise ValueError(f"shared={shared} reaches past the cached context ({context.length} tokens)")
+        step = self.batch_size(blocks.shape[1])
+        out = [self._continue(context, reused, blocks[i : i + step, shared:]) for i in range(0, len(blocks), step)]
+        return torch.cat(out)
+
+    def _continue(self, context: KVContext, reused: int, rest: torch.Tensor) -> torch.Tensor:
+        b = len(rest)
+        cache = DynamicCache(
+            ddp_cache_data=[(k[:, :, :reused].expand(b, -1, -1, -1), v[:, :, :reused].expand(b, -1, -1, -1)) for k, v in context.layers],
+            config=self.config.get_text_config(),
+        )
+        suffix = self.suffix_embeddings.expand(b, -1, -1)
+        seq = torch.cat([rest.to(self.dtype), suffix], dim=1)
+        hidden = self.language_model(inputs_embeds=seq, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.lm_head(hidden[:, -1]).float()
+
+    @torch.no_grad()
+    def reference_logits(self, block: torch.Tensor, generate_tokens: int = 0) -> torch.Tensor:
+        """First-token logits [V] the way the reference scripts get them: one full forward of the whole
+        sequence at batch size 1, no cache; with `generate_tokens` > 0, a greedy `generate` of that many
+        tokens whose first step's logits are returned (the extra tokens are the reference's cost)."""
+        seq = torch.cat([self.prefix_embeddings, block.to(self.dtype), self.suffix_embeddings])[None]
+        if generate_tokens == 0:
+            return self.model(inputs_embeds=seq).logits[0, -1].float()
+        out = self.model.generate(
+            inputs_embeds=seq,
+            attention_mask=torch.ones(seq.shape[:2], dtype=torch.long, device=self.device),
+            max_new_tokens=generate_tokens,
+            min_new_tokens=generate_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=self.pad_token_id,
+        )
+        return out.logits[0][0].float()
+
+    def decode(self, token_id: int) -> str:
+        return self.tokenizer.decode([int(token_id)]).strip()
+
+    @property
+    def info(self) -> dict:
+        return {
+            "model_id": self.model_id,
+            "revision": self.revision,
+            "model_type": self.model_type,
+            "embed_dim": int(self.prefix_embeddings.shape[-1]),
+            "pad_token_id": self.pad_token_id,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "prompt": self.prompt,
+        }
