@@ -72,6 +72,7 @@ class BuildConfig:
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
     max_retries: int = 3
+    max_image_bytes: int = 64 * 2**20  # a bigger shard member is refused (recorded), not read into memory
     overwrite: bool = False
     codebook: str | None = None  # codebook directory to commit into; None: metrics only
     codebook_name: str | None = None
