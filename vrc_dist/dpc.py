@@ -285,7 +285,7 @@ def _build(x32, kind, use_gpu, nprobe, hnsw_m, ef_search, seed):
     if kind == "ivf":
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants >= 39 training points per list
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
-        index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = seed, 10, 64  # bounded training cost
+        index.cp.seed, index.cp.niter, index.cp.max_points_per_centroid = seed, 10, 40  # bounded training cost
         index.nprobe = nprobe
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_m)
