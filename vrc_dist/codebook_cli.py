@@ -1,7 +1,6 @@
 """`vrc codebook list|show|diff|export|import|query`: inspect, compare, convert and query codebooks."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
