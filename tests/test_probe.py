@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+import tiny_models
+from vrc_dist.config import ProbeConfig
+from vrc_dist.probe import TOKEN_COLUMNS, Prober, windows
+
+# Divergences are differences of nearly equal float32 probabilities: an engine-independent logit
+# error ~1e-6 becomes an absolute error ~sqrt(D) * 1e-6 (<= 1e-8 here). Real disagreements (a wrong
+# window, a wrong ablation) are the size of the values themselves, 1e-5 to 1e-2.
+FLOAT_TOL = dict(rtol=1e-5, atol=1e-8)
+
+
+def test_windows_in_the_interior_are_centred():
+    w = windows((5, 5), 3)
+    assert w[12].tolist() == [6, 7, 8, 11, 12, 13, 16, 17, 18]  # (2, 2)
+    assert w[7].tolist() == [1, 2, 3, 6, 7, 8, 11, 12, 13]  # (1, 2): the top edge is not crossed
+
+
+@pytest.mark.parametrize(
+    "token, top_left",
+    [
+        (0, (0, 0)), (4, (0, 2)), (20, (2, 0)), (24, (2, 2)),  # corners
+        (2, (0, 1)), (22, (2, 1)), (10, (1, 0)), (14, (1, 2)),  # edge midpoints: top, bottom, left, right
+    ],
+)  # fmt: skip
+def test_windows_shift_inward_at_edges_and_corners(token, top_left):
+    w = windows((5, 5), 3)[token]
+    r, c = top_left
+    assert w.tolist() == [(r + dr) * 5 + c + dc for dr in range(3) for dc in range(3)]
+    assert token in w and len(set(w.tolist())) == 9
+
+
+def test_windows_on_a_rectangular_grid_clamp_rows_and_columns_separately():
+    w = windows((4, 6), 3)  # 4 rows, 6 columns, token = row * 6 + col
+    assert w[5].tolist() == [3, 4, 5, 9, 10, 11, 15, 16, 17]  # (0, 5): top-right corner
+    assert w[19].tolist() == [6, 7, 8, 12, 13, 14, 18, 19, 20]  # (3, 1): bottom edge
+    assert all(i in row for i, row in enumerate(w))
+
+
+@pytest.mark.parametrize("grid", [(2, 8), (8, 2), (2, 2)])
+def test_window_that_does_not_fit_is_an_error(grid):
+    with pytest.raises(ValueError, match="3x3 window does not fit"):
+        windows(grid, 3)
+
+
+def picture(seed=0):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+
+
+def assert_same_results(a, b):
+    assert (a.key, a.grid, a.answer, a.answer_token_id) == (b.key, b.grid, b.answer, b.answer_token_id)
+    assert list(a.tokens) == list(TOKEN_COLUMNS) == list(b.tokens)
+    for name in TOKEN_COLUMNS:
+        x, y = a.tokens[name], b.tokens[name]
+        assert x.shape == y.shape, name
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, **FLOAT_TOL, err_msg=name)
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+    np.testing.assert_array_equal(a.candidate_index, b.candidate_index)
+    np.testing.assert_array_equal(a.candidate_vectors, b.candidate_vectors)
+
+
+@pytest.fixture(scope="module", params=tiny_models.KINDS)
+def tiny_probers(request, tmp_path_factory):
+    path = tiny_models.save(request.param, tmp_path_factory.mktemp(request.param))
+    cfg = ProbeConfig(model=str(path), device="cpu", dtype="float32", token_budget=300)
+    batched = Prober(cfg)
+    # Thresholds inside this random model's range, halfway between two tokens' values so that no
+    # flag sits on a knife edge: some tokens are low-info, some not.
+    t = batched.probe(picture(), "calibration").tokens
+    cfg.jsd_thres, cfg.top1_thres = midpoint(t["score"], 0.6), midpoint(t["top1_prob"], 0.6)
+    return batched, Prober(cfg, engine="reference", adapter=batched.adapter)
+
+
+def midpoint(values, q):
+    v = np.sort(values)
+    i = int(q * len(v))
+    return float((v[i - 1] + v[i]) / 2)
+
+
+def test_batched_equals_one_at_a_time_on_tiny_models(tiny_probers):
+    batched, reference = tiny_probers
+    a, b = batched.probe(picture(), "img-0"), reference.probe(picture(), "img-0")
+    assert_same_results(a, b)
+    assert a.grid == (5, 5) and len(a.tokens["score"]) == 25
+    assert 0 < a.tokens["low_info"].sum() < 25, "thresholds should split this image's tokens"
+
+
+def test_result_follows_the_contract(tiny_probers):
+    prober = tiny_probers[0]
+    r = prober.probe(picture(1), "k")
+    t = r.tokens
+    np.testing.assert_array_equal(t["row"] * 5 + t["col"], t["token_index"])
+    np.testing.assert_allclose(t["score"], t["jsd_region"] + 16 * t["jsd_global"], rtol=1e-12)
+    cfg = prober.cfg
+    np.testing.assert_array_equal(t["low_info"], (t["score"] < cfg.jsd_thres) & (t["top1_prob"] < cfg.top1_thres))
+    np.testing.assert_array_equal(t["candidate"], t["low_info"] & (t["image_cluster_size"] <= 8))
+    assert set(t["image_cluster"].tolist()) <= set(range(8))
+    np.testing.assert_array_equal(np.bincount(t["image_cluster"])[t["image_cluster"]], t["image_cluster_size"])
+    assert r.candidate_index.dtype == np.int32 and r.candidate_vectors.dtype == np.float16
+    vectors, grid = prober.visual_tokens(picture(1))
+    assert vectors.dtype == np.float32 and grid == (5, 5)
+    np.testing.assert_array_equal(r.candidate_vectors, vectors[r.candidate_index].astype(np.float16))
+    if prober.adapter.model_type == "llava_onevision":
+        assert np.isnan(t["cls_sim"]).all() and (t["cls_sim_rank"] == -1).all()
+    else:
+        assert sorted(t["cls_sim_rank"].tolist()) == list(range(25))
+        assert np.all(np.diff(t["cls_sim"][np.argsort(t["cls_sim_rank"])]) <= 0)
+    info = prober.model_info
+    assert info["divergence"] == "reference" and info["embed_dim"] == vectors.shape[1]
+
+
+def test_divergence_convention_is_configurable_and_recorded(tiny_probers):
+    batched = tiny_probers[0]
+    jsd = Prober(ProbeConfig(**{**vars(batched.cfg), "divergence": "jsd"}), adapter=batched.adapter)
+    assert jsd.model_info["divergence"] == "jsd"
+    a, b = batched.probe(picture(), "x").tokens, jsd.probe(picture(), "x").tokens
+    assert not np.allclose(a["jsd_global"], b["jsd_global"])
+    np.testing.assert_array_equal(a["top1_prob"], b["top1_prob"])
+
+
+def test_bad_engine_and_convention_are_errors(tiny_probers):
+    adapter = tiny_probers[0].adapter
+    with pytest.raises(ValueError, match="engine"):
+        Prober(ProbeConfig(), engine="fast", adapter=adapter)
+    with pytest.raises(ValueError, match="divergence"):
+        Prober(ProbeConfig(divergence="kl"), adapter=adapter)
