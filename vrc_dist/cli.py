@@ -9,6 +9,7 @@ import sys
 SUBCOMMAND_MODULES = [
     "vrc_dist.toy.cli",
     "vrc_dist.codebook_cli",
+    "vrc_dist.probe_cli",
 ]
 
 
