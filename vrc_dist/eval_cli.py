@@ -1,0 +1,132 @@
+"""`vrc eval` (pruning methods on the toy eval split: table + plot) and `vrc report` (metrics dataset pictures)."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ["method", "keep", "kept_tokens", "accuracy", "relative", "acc_single", "acc_shape", "acc_colour",
+           "acc_count", "acc_position", "prefill_gflops", "llm_prefill_ms", "forward_ms", "questions"]
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_table(rows: list[dict], out: Path, header: str) -> None:
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def write_plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["kept_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("visual tokens kept per image (log)")
+    ax.set_ylabel("accuracy (first answer token)")
+    ax.set_title("toy eval: accuracy vs kept visual tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_kept.png", dpi=120)
+    plt.close(fig)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _eval(args) -> int:
+    from vrc_dist.codebook import Codebook
+    from vrc_dist.evaluate import evaluate
+    from vrc_dist.toy import TOY_MODEL_DIR
+    from vrc_dist.toy.data import load_shard_samples
+    from vrc_dist.toy.evaluate import load_checkpoint
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    shards = sorted(Path(args.shards).glob("*.tar")) if Path(args.shards).is_dir() else [Path(args.shards)]
+    samples = load_shard_samples(p for p in shards if p.exists())
+    if not samples:
+        raise FileNotFoundError(f"no toy shards at {args.shards}")
+    if args.limit:
+        samples = samples[: args.limit]
+    model, processor = load_checkpoint(TOY_MODEL_DIR if args.model == "toy" else args.model)
+    codebook = None
+    if "codebook" in methods:
+        codebook = Codebook.open(args.codebook, version=args.codebook_version,
+                                 expected_dim=model.config.text_config.hidden_size)
+    torch_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = evaluate(model, processor, samples, methods, _floats(args.keep), codebook=codebook,
+                    batch_size=args.batch_size, seed=args.seed, fastv_layer=args.fastv_layer,
+                    progress=lambda r: print(f"{r['method']:>9} keep {r['keep']:<6} acc {r['accuracy']:.3f} "
+                                             f"kept {r['kept_tokens']:.1f}", file=sys.stderr))
+    cb = "" if codebook is None else f", codebook {codebook.path} v{codebook.version:04d} ({len(codebook.vectors)} prototypes)"
+    header = (f"# Pruning on the toy eval split\n\nmodel `{args.model}`{cb}; shards `{args.shards}` "
+              f"({len(samples)} images, {rows[0]['questions']} questions); FastV K={args.fastv_layer}; "
+              f"command: `vrc eval --model {args.model} --codebook {args.codebook} --shards {args.shards} "
+              f"--keep {args.keep} --methods {args.methods} --out {args.out}`\n\n"
+              "relative = accuracy / unpruned accuracy; prefill_gflops: language model, analytic "
+              "(see vrc_dist/evaluate.py); times are per question, batch " + str(args.batch_size) + ".")
+    write_table(rows, out, header)
+    write_plot(rows, out)
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print((out / "results.md").read_text())
+    return 0
+
+
+def torch_threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _report(args) -> int:
+    from vrc_dist.report import build_report
+
+    page = build_report(args.run_dir, out=args.out, codebook=args.codebook, shards=args.shards,
+                        n_images=args.images, keep=args.keep)
+    print(f"wrote {page}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="accuracy, FLOPs and time of visual token pruning methods on toy shards")
+    p.add_argument("--model", default="toy", help="toy, or a LLaVA checkpoint directory")
+    p.add_argument("--codebook", default="toy", help="toy, or a codebook directory")
+    p.add_argument("--codebook-version", default=None)
+    p.add_argument("--shards", required=True, help="directory of toy eval shards (*.tar) or one shard")
+    p.add_argument("--keep", default="1.0,0.5,0.25,0.111,0.056", help="comma-separated keep ratios")
+    p.add_argument("--methods", default="codebook,random,cls,fastv,pool")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--fastv-layer", type=int, default=2, help="FastV's K")
+    p.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("report", help="pictures of a metrics dataset (Figure 4 deciles, overlays, codebook)")
+    p.add_argument("run_dir", help="metrics dataset directory (tokens/, images/, candidates/)")
+    p.add_argument("--out", help="where to write (default RUN_DIR/report)")
+    p.add_argument("--codebook", help="codebook to picture (and to mark pruned tokens in overlays)")
+    p.add_argument("--shards", help="shards holding the images, for overlays on pixels")
+    p.add_argument("--images", type=int, default=6, help="images to overlay")
+    p.add_argument("--keep", type=float, default=0.111, help="keep ratio for the pruned marks")
+    p.set_defaults(func=_report)
