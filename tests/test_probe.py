@@ -110,7 +110,7 @@ def test_result_follows_the_contract(tiny_probers):
         assert sorted(t["cls_sim_rank"].tolist()) == list(range(25))
         assert np.all(np.diff(t["cls_sim"][np.argsort(t["cls_sim_rank"])]) <= 0)
     info = prober.model_info
-    assert info["divergence"] == "reference" and info["embed_dim"] == vectors.shape[1]
+    assert info["divergence"] == "reference" and info["embed_dim"] == vectors.shape[1] and info["grid"] == [5, 5]
 
 
 def test_divergence_convention_is_configurable_and_recorded(tiny_probers):

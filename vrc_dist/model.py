@@ -205,6 +205,13 @@ class LlavaAdapter:
         return ids[: where[0]], ids[where[0] + 1 :]
 
     @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid of the tower's input size (what encode_image returns for every image)."""
+        size, patch = self.config.vision_config.image_size, self.config.vision_config.patch_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h // patch, w // patch
+
+    @property
     def model_type(self) -> str:
         return self.config.model_type
 
@@ -318,6 +325,7 @@ class LlavaAdapter:
             "revision": self.revision,
             "model_type": self.model_type,
             "embed_dim": int(self.prefix_embeddings.shape[-1]),
+            "grid": list(self.grid),
             "pad_token_id": self.pad_token_id,
             "dtype": str(self.dtype).removeprefix("torch."),
             "device": str(self.device),
