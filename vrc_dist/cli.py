@@ -10,6 +10,7 @@ SUBCOMMAND_MODULES = [
     "vrc_dist.toy.cli",
     "vrc_dist.codebook_cli",
     "vrc_dist.probe_cli",
+    "vrc_dist.doctor_cli",
     "vrc_dist.eval_cli",
 ]
 
