@@ -52,6 +52,11 @@ def _read_candidate_file(path: Path) -> tuple[pa.Table, np.ndarray]:
         raise ClusteringError(f"{path}: column vector must be fixed_size_list<float16>[D], got {vtype}")
     flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     vectors = flat.astype(np.float32).reshape(table.num_rows, vtype.list_size)
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        first = table.slice(int(bad[0]), 1).to_pylist()[0]
+        raise ClusteringError(f"{path}: {bad.size} candidate vector(s) with NaN or inf, the first "
+                              f"{first['key']}:{first['token_index']}")
     ids = table.select(["key", "shard", "token_index"]).cast(
         pa.schema([("key", pa.string()), ("shard", pa.string()), ("token_index", pa.int32())])
     )
@@ -67,7 +72,7 @@ def read_candidates(dataset_dirs: list[str | Path]) -> CandidatePool:
     id_tables, vector_blocks, files, datasets = [], [], [], []
     dim, dim_source = None, None
     for d in paths:
-        cand_files = sorted((d / "candidates").glob("*.parquet"))
+        cand_files = _candidate_files(d)
         if not cand_files:
             raise ClusteringError(f"no candidates/*.parquet in metric dataset {d}")
         datasets.append({"path": str(d), "candidates": {f.name: sha256_file(f) for f in cand_files}})
@@ -88,6 +93,24 @@ def read_candidates(dataset_dirs: list[str | Path]) -> CandidatePool:
     order = ids.column("row").to_numpy()
     vectors = np.concatenate(vector_blocks)[order]
     return CandidatePool(ids.select(["key", "shard", "token_index"]), vectors, datasets)
+
+
+def _candidate_files(d: Path) -> list[Path]:
+    """The candidates files that count: with a run manifest, those of the shards it lists as done (a file
+    left by an interrupted or overwritten run is not part of the dataset); without one, every file."""
+    from vrc_dist.metrics_store import MANIFEST, Manifest, table_path
+
+    if not (d / MANIFEST).exists():
+        return sorted((d / "candidates").glob("*.parquet"))
+    try:
+        manifest = Manifest.load(d)
+    except ValueError as e:
+        raise ClusteringError(str(e)) from None
+    files = [table_path(d, "candidates", s) for s in manifest.done()]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise ClusteringError(f"{d / MANIFEST} lists shards as done whose candidates are missing: {missing[:5]}")
+    return sorted(files)
 
 
 def _check_unique(ids: pa.Table, files: list[Path]) -> None:

@@ -312,7 +312,13 @@ class Codebook:
             if actual != digest:
                 raise CodebookError(f"{f}: checksum mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
                                     "the file changed after commit")
-        vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
+        try:
+            vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
+        except (ValueError, OSError) as e:  # e.g. an object array: refused, never unpickled
+            raise CodebookError(f"{vdir / 'vectors.npy'}: not a plain numeric array: {e}") from None
+        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+            raise CodebookError(f"{vdir / 'vectors.npy'}: expected float [N, {self.dim}], got {vectors.dtype} "
+                                f"{vectors.shape}")
         self.check_dim(vectors.shape[1], f"{vdir / 'vectors.npy'}")
         provenance = pq.read_table(vdir / "provenance.parquet")
         index = faiss.read_index(str(vdir / "index.faiss"))
@@ -333,6 +339,9 @@ class Codebook:
         if q.ndim != 2:
             raise CodebookError(f"query vectors must be [n, D], got shape {q.shape}")
         self.check_dim(q.shape[1], "the query")
+        bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
+        if bad.size:  # FAISS would answer them with id -1 and similarity -3.4e38: a silently wrong result
+            raise CodebookError(f"{bad.size} query vector(s) contain NaN or inf (rows {bad[:10].tolist()})")
         k = min(int(k), self._index.ntotal)
         return self._index.search(normalise(q), k)
 
@@ -388,6 +397,9 @@ def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple
         what = f"tensor {tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise CodebookError(f"{pt}: expected a 2-D float tensor [N, D], got {what}")
     vectors = tensor.detach().to(torch.float32).numpy()
+    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if bad.size:
+        raise CodebookError(f"{pt}: {bad.size} row(s) with NaN or inf (rows {bad[:10].tolist()})")
     n = len(vectors)
     ids = [str(i) for i in range(n)]
     if json_path is not None:

@@ -19,6 +19,9 @@ from PIL import Image
 
 MIN_SIDE = 2  # a 1-pixel image has no spatial structure for a patch grid to describe
 MAX_PIXELS = 50_000_000  # decompression-bomb guard, checked from the header before decoding
+# A CLIP-style processor scales the SHORT side up to the tower's size: a 2 x 25,000,000 image (within
+# MAX_PIXELS) would become 336 x 4.2e9 pixels in memory. No photo is this thin; refuse it by name.
+MAX_ASPECT = 100
 
 
 class ImageError(ValueError):
@@ -50,6 +53,9 @@ def _check_size(img: Image.Image, name: str) -> None:
     w, h = img.size
     if min(w, h) < MIN_SIDE:
         raise ImageError(f"{name}: image is {w}x{h} pixels; need at least {MIN_SIDE} on each side")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"{name}: image is {w}x{h} pixels, an aspect ratio over {MAX_ASPECT}:1 "
+                         "(resizing its short side to the model's input size would blow it up)")
     if w * h > MAX_PIXELS:
         raise ImageError(f"{name}: image is {w}x{h} = {w * h / 1e6:.0f} MP, over the {MAX_PIXELS / 1e6:.0f} MP limit")
 

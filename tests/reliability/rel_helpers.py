@@ -1,0 +1,117 @@
+"""Helpers of the reliability suite: hostile shard and image builders, a fake prober, a Ray-free driver.
+
+The Ray-free driver (`run_local`) does what runner.run_shards does per shard, in one process: process_shard,
+then record the entry in the manifest. It lets the fast tests drive the real reader, image loader and
+writer over bad input without a cluster.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+TESTS = Path(__file__).resolve().parents[1]
+REPO = TESTS.parent
+if str(TESTS) not in sys.path:  # ray_head, tiny_models live one level up
+    sys.path.insert(0, str(TESTS))
+
+DIM, L = 6, 4
+
+
+# ---- images ---------------------------------------------------------------------------------------------
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def png(size=(16, 16), color=(200, 10, 10)) -> bytes:
+    return encode(Image.new("RGB", size, color))
+
+
+# ---- shards ---------------------------------------------------------------------------------------------
+
+
+def raw_tar(path: Path, members, mode: str = "w") -> Path:
+    """A tar with exactly these members, in order: (name, bytes), or (name, TarInfo-type, linkname)."""
+    with tarfile.open(path, mode) as tar:
+        for m in members:
+            info = tarfile.TarInfo(m[0])
+            if len(m) == 3:
+                info.type, info.linkname = m[1], m[2]
+                tar.addfile(info)
+            else:
+                info.size = len(m[1])
+                tar.addfile(info, io.BytesIO(m[1]))
+    return path
+
+
+# ---- a prober that honours the ImageResult contract without a model ---------------------------------------
+
+
+def fake_result(key: str, dim: int = DIM, n_cand: int = 2, seed: int = 0, vectors=None):
+    from vrc_dist.metrics_store import TOKEN_FIELDS
+
+    rng = np.random.default_rng(seed)
+    tokens = {name: rng.random(L) if pa.types.is_floating(t) else rng.integers(0, 9, L) for name, t in TOKEN_FIELDS}
+    tokens["token_index"] = np.arange(L)
+    flags = np.zeros(L, bool)
+    flags[:n_cand] = True
+    tokens["low_info"] = tokens["candidate"] = flags
+    vec = rng.random((n_cand, dim)).astype(np.float16) if vectors is None else vectors
+    return SimpleNamespace(key=key, grid=(2, 2), answer="circle", answer_token_id=7, tokens=tokens,
+                           candidate_index=np.arange(n_cand, dtype=np.int32), candidate_vectors=vec)
+
+
+class FakeProber:
+    def __init__(self, dim: int = DIM):
+        self.model_info = {"model_id": "fake", "revision": None, "embed_dim": dim}
+        self.dim = dim
+        self.seen: list[tuple[str, tuple, str]] = []  # key, size, mode of what the prober got
+
+    def probe(self, image, key):
+        self.seen.append((key, image.size, image.mode))
+        return fake_result(key, self.dim, seed=sum(map(ord, key)))
+
+
+def run_local(shard_paths, out, prober=None, config=None) -> dict:
+    """Every shard through process_shard into `out`, recorded in its manifest like the Ray driver does."""
+    from vrc_dist.metrics_store import Manifest
+    from vrc_dist.shards import expand_shards
+    from vrc_dist.worker import process_shard
+
+    prober = prober or FakeProber()
+    manifest = Manifest.load(out) or Manifest.create(out, config or {"probe": {"divergence": "reference"}})
+    manifest.data["model_info"] = prober.model_info
+    manifest.save()
+    for spec in expand_shards([str(p) for p in shard_paths]):
+        entry = process_shard(prober, spec, out)
+        entry["attempts"] = 1
+        manifest.record_shard(spec.name, entry)
+    return Manifest.load(out).shards
+
+
+def tree(root: Path) -> set[str]:
+    """Every path under root, relative: to prove nothing was written outside an output directory."""
+    return {str(p.relative_to(root)) for p in Path(root).rglob("*")}
+
+
+def doctor_errors(path) -> list[str]:
+    from vrc_dist.doctor import ERROR, check
+
+    return [str(f) for f in check(path)[1] if f.level == ERROR]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
