@@ -133,7 +133,22 @@ def duplicated(seed):
     return x[rng.permutation(len(x))].astype(np.float32)
 
 
+def near_ties(seed):
+    # 200 points on a unit sphere around the origin, radii 1 + i * 1e-9: one distance to float32,
+    # distinct in float64, so FAISS lists an arbitrary few of them among the origin's nearest.
+    # Four companions at radius 0.5 settle the origin's 5-NN; four twins just outside each shell
+    # point make the shell denser than the origin, whose nearest denser point is then in the tie.
+    rng = np.random.default_rng(seed)
+    dirs = rng.standard_normal((200, 8))
+    shell = (1 + 1e-9 * rng.permutation(200))[:, None] * dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+    companions = 0.5 * rng.standard_normal((4, 8))
+    companions /= np.linalg.norm(companions, axis=1, keepdims=True) / 0.5
+    twins = [(1 + 0.01 * t) * shell for t in range(1, 5)]
+    return np.concatenate([np.zeros((1, 8)), companions, shell, *twins, 5 + rng.standard_normal((100, 8))])
+
+
 TIES = {
+    "near_ties": near_ties,
     "duplicates": duplicated,
     "all_identical": lambda seed: np.ones((300, 6), np.float32),
     # hypercube vertices twice over: every distance is shared by many points (tie groups straddle k)
@@ -148,6 +163,16 @@ TIES = {
 def test_flat_equals_exact_ties_and_hard_inputs(name, n_clusters):
     x = TIES[name](0)
     assert_same(dpc_knn_faiss(x, 5, n_clusters, block_size=100), dpc_knn_exact(x, 5, n_clusters))
+
+
+def test_assignment_resolves_float32_near_ties(monkeypatch):
+    # Make the 200 near-tied shell points the centres: the origin's nearest centre is then decided
+    # at the 1e-9 level, below float32 resolution.
+    monkeypatch.setattr(dpc, "_centers", lambda rho, delta, c: np.arange(5, 205))
+    x = near_ties(0)
+    want = dpc_knn_exact(x, 5, 200)
+    assert want.labels[0] == np.argmin(np.linalg.norm(x[5:205], axis=1))
+    assert_same(dpc_knn_faiss(x, 5, 200), want)
 
 
 def test_ties_go_to_lowest_index():
