@@ -8,10 +8,11 @@ import sys
 # One line per module that adds subcommands; each defines register(subparsers).
 SUBCOMMAND_MODULES = [
     "vrc_dist.toy.cli",
+    "vrc_dist.build_cli",
     "vrc_dist.codebook_cli",
     "vrc_dist.probe_cli",
-    "vrc_dist.doctor_cli",
     "vrc_dist.eval_cli",
+    "vrc_dist.doctor_cli",
 ]
 
 

@@ -22,18 +22,23 @@ class FaultSwitch:
     """Test-only: make the process exit hard after `exit_after` images of a shard.
 
     With `marker` set it fires once per marker file (created atomically when it fires), so only the
-    first attempt dies and the retry can finish. Read from VRC_FAULT_EXIT_AFTER / VRC_FAULT_MARKER.
+    first attempt dies and the retry can finish. `sleep_s` slows every image down, so a test can stop
+    a run mid-way. Read from VRC_FAULT_EXIT_AFTER, VRC_FAULT_MARKER and VRC_FAULT_SLEEP_S.
     """
 
     exit_after: int | None = None
     marker: str | None = None
+    sleep_s: float = 0.0
 
     @classmethod
     def from_env(cls, environ=os.environ) -> FaultSwitch:
         after = environ.get("VRC_FAULT_EXIT_AFTER")
-        return cls(int(after) if after else None, environ.get("VRC_FAULT_MARKER") or None)
+        return cls(int(after) if after else None, environ.get("VRC_FAULT_MARKER") or None,
+                   float(environ.get("VRC_FAULT_SLEEP_S") or 0))
 
     def maybe_fire(self, images_done: int) -> None:
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
         if self.exit_after is None or images_done != self.exit_after:
             return
         if self.marker:

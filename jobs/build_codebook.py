@@ -1,0 +1,35 @@
+"""Ray job entry point of the build: `ray job submit --working-dir . -- python jobs/build_codebook.py ...`.
+
+Takes the arguments of `vrc build` (--config CFG, --set k=v, --model, --shards, --out, --actors,
+--codebook, --overwrite) and runs the same pipeline on the cluster the job was submitted to.
+"""
+import logging
+import sys
+from pathlib import Path
+
+# The job runs from an unpacked copy of the working dir: import the library shipped with it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+
+import ray  # noqa: E402
+
+from vrc_dist.build_cli import add_arguments, config_from_args, execute  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser)
+    cfg = config_from_args(parser.parse_args())
+    # Relative paths would land in (or be looked up in) the job's temporary copy of the working dir.
+    paths = [cfg.out, *cfg.shards, *([cfg.codebook] if cfg.codebook else [])]
+    relative = [p for p in paths if "://" not in p and not p.startswith(("pipe:", "/"))]
+    if relative:
+        parser.error(f"use absolute paths in a Ray job (it runs in a temporary copy of the working dir): {relative}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    ray.init(address="auto")
+    return execute(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

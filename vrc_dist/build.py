@@ -1,0 +1,119 @@
+"""The build pipeline: metrics stage on Ray (shards -> Parquet), then the codebook stage, then a summary.
+
+The caller connects to Ray first (`vrc build` starts a local one; a Ray job connects to its cluster).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from vrc_dist import metrics_store, runner
+from vrc_dist.config import BuildConfig, to_dict
+from vrc_dist.metrics_store import TABLES, Manifest, table_path
+from vrc_dist.shards import ShardSpec, expand_shards
+
+log = logging.getLogger(__name__)
+# Probe settings that change how fast the numbers are computed, not what they are.
+PROBE_SPEED_ONLY = ("token_budget", "device")
+
+
+class NothingProcessed(RuntimeError):
+    """The run ended with no successfully probed image in the output: the job must fail, saying why."""
+
+
+def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
+    """The output's manifest: fresh for a new directory or --overwrite, else the existing one, checked
+    to have been made with the same probe settings (mixing two settings in one dataset is never right)."""
+    out = Path(cfg.out)
+    old = Manifest.load(out)
+    config = to_dict(cfg)
+    if old is None or cfg.overwrite:
+        if old is not None:  # files this run will not rewrite would otherwise linger beside the new ones
+            for name in old.shards:
+                for t in TABLES:
+                    table_path(out, t, name).unlink(missing_ok=True)
+        manifest = Manifest.create(out, config)
+        manifest.save()
+        return manifest
+    same = lambda probe: {k: v for k, v in probe.items() if k not in PROBE_SPEED_ONLY}  # noqa: E731
+    if same(old.data["config"]["probe"]) != same(config["probe"]):
+        raise ValueError(f"{old.path} was made with probe settings {same(old.data['config']['probe'])}, "
+                         f"this run has {same(config['probe'])}: use another --out, or --overwrite")
+    for spec in specs:
+        recorded = old.shards.get(spec.name, {}).get("url")
+        if recorded not in (None, spec.url):
+            raise ValueError(f"shard name {spec.name!r} is {recorded} in {old.path}, now {spec.url}: "
+                             "use another --out, or --overwrite")
+    return old
+
+
+def run_metrics(cfg: BuildConfig) -> dict:
+    """Probe every shard not yet done; returns this run's summary (also appended to the manifest)."""
+    specs = expand_shards(cfg.shards)
+    manifest = open_run(cfg, specs)
+    done = set(manifest.done())
+    todo = [s for s in specs if s.name not in done]
+    log.info("%d shards: %d already done, %d to run", len(specs), len(specs) - len(todo), len(todo))
+    start = time.time()
+    stats = runner.run_shards(cfg, todo, Path(cfg.out), manifest)
+    seconds = time.time() - start
+    summary = {
+        "shards": len(specs),
+        "shards_skipped": len(specs) - len(todo),
+        "shards_done": len(stats.done),
+        "shards_failed": len(stats.failed),
+        "images_ok": stats.images_ok,
+        "images_error": stats.images_error,
+        "tokens": stats.tokens,
+        "candidates": stats.candidates,
+        "actor_deaths": stats.actor_deaths,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(stats.images_ok / seconds, 3) if stats.images_ok else 0.0,
+        "tokens_per_s": round(stats.tokens / seconds, 1) if stats.tokens else 0.0,
+        # the same, excluding actor start-up and model loading: the rate a long run settles at
+        "images_per_s_loaded": round(stats.images_ok / stats.probe_seconds, 3) if stats.images_ok else 0.0,
+        "shard_errors": {n: e["error"] for n, e in manifest.shards.items() if e.get("error")},
+        "out": str(Path(cfg.out).resolve()),
+    }
+    manifest.data["runs"].append({"finished": metrics_store.utc_now(), **summary})
+    manifest.save()
+    if sum(e["images_ok"] for e in manifest.shards.values() if e["status"] == "done") == 0:
+        reasons = summary["shard_errors"] or {"(images)": "every image failed; see the images table's error column"}
+        raise NothingProcessed(f"no image could be processed in {len(specs)} shards: {reasons}")
+    return summary
+
+
+def run_codebook(cfg: BuildConfig, model_info: dict) -> int | None:
+    """Cluster the run's candidates into the next codebook version, when a codebook is configured."""
+    if not cfg.codebook:
+        return None
+    from vrc_dist.clustering import build_version
+
+    return build_version(cfg.codebook, [cfg.out], cfg.cluster, model_id=model_info.get("model_id"),
+                         name=cfg.codebook_name, probe=to_dict(cfg.probe))
+
+
+def run(cfg: BuildConfig) -> dict:
+    summary = run_metrics(cfg)
+    model_info = Manifest.load(cfg.out).data.get("model_info") or {}
+    version = run_codebook(cfg, model_info)
+    if version is not None:
+        summary["codebook"] = {"path": cfg.codebook, "version": version}
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"shards: {summary['shards_done']} done, {summary['shards_failed']} failed, "
+        f"{summary['shards_skipped']} skipped (already done) of {summary['shards']}",
+        f"images: {summary['images_ok']} ok, {summary['images_error']} with errors; "
+        f"{summary['tokens']} tokens, {summary['candidates']} candidates",
+        f"metrics stage: {summary['seconds']:.1f} s, {summary['images_per_s']:.2f} images/s, "
+        f"{summary['tokens_per_s']:.0f} tokens/s ({summary['images_per_s_loaded']:.2f} images/s once models were loaded)",
+    ]
+    lines += [f"  shard {n}: {e}" for n, e in summary["shard_errors"].items()]
+    if "codebook" in summary:
+        lines.append(f"codebook: {summary['codebook']['path']} v{summary['codebook']['version']:04d}")
+    lines.append(f"output: {summary['out']}")
+    return "\n".join(lines)

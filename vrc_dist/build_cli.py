@@ -1,0 +1,76 @@
+"""`vrc build`: the Ray build on a local, loopback-only Ray instance (no cluster needed).
+
+The same arguments drive `jobs/build_codebook.py` on a cluster: a config file, `--set key=value`
+overrides, and flag shortcuts, applied in that order.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vrc_dist.config import BuildConfig, load
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML/TOML BuildConfig")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. probe.k_global=8")
+    p.add_argument("--model", help="toy, or a LLaVA checkpoint directory (sets probe.model)")
+    p.add_argument("--shards", action="append", help="shard glob, brace pattern or URL (repeatable; sets shards)")
+    p.add_argument("--out", help="output directory of the metrics dataset")
+    p.add_argument("--actors", type=int, help="number of probe actors (default: one per GPU, else 2)")
+    p.add_argument("--codebook", help="codebook directory to commit a version into after the metrics")
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    cfg = load(BuildConfig, args.config, args.set)
+    # Flags are set directly, not as `key=value` overrides: a path or a brace glob is not always valid YAML.
+    if args.model:
+        cfg.probe.model = args.model
+    if args.shards:
+        cfg.shards = list(args.shards)
+    for key in ("out", "actors", "codebook"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    cfg.overwrite = cfg.overwrite or args.overwrite
+    return cfg
+
+
+def execute(cfg: BuildConfig) -> int:
+    """Run the pipeline on the already connected Ray; print the summary; 1 if nothing was processed."""
+    from vrc_dist.build import NothingProcessed, format_summary, run
+
+    try:
+        summary = run(cfg)
+    except NothingProcessed as e:
+        print(f"build failed: {e}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    return 0
+
+
+def _build(args) -> int:
+    cfg = config_from_args(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if not os.environ.get("RAY_ADDRESS"):
+        # Ray maps 127.0.0.1 to the machine's routable address unless told it is not a cluster node;
+        # a local build has no reason to listen beyond loopback. Must be set before ray is imported.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
+    try:
+        return execute(cfg)
+    finally:
+        ray.shutdown()
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("build", help="probe shards into a metrics dataset (and a codebook) on local Ray")
+    add_arguments(p)
+    p.set_defaults(func=_build)
