@@ -1,0 +1,89 @@
+"""`vrc eval`: the harness's bookkeeping on a tiny model, and the issue's accuracy claims on the real toy model."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import tiny_models
+from vrc_dist.cli import main
+from vrc_dist.codebook import Codebook, resolve_path
+from vrc_dist.evaluate import evaluate, layer_flops, prefill_flops
+from vrc_dist.toy import TOY_MODEL_DIR
+from vrc_dist.toy.data import load_shard_samples
+from vrc_dist.toy.write_shards import make_shards
+
+KEEPS = [1.0, 0.25, 0.111, 0.056]
+
+
+def tiny_codebook(path, dim=48, n=6):
+    ints = pa.array(np.zeros(n, np.int32))
+    prov = pa.table({"key": ["k"] * n, "shard": ["s"] * n, "token_index": ints, "cluster": ints,
+                     "support": ints, "cluster_size": ints})
+    Codebook.create(path, "t", "tiny", dim).commit(np.random.default_rng(0).normal(size=(n, dim)), prov, {})
+    return path
+
+
+def test_flops_formula_by_hand():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+                      num_hidden_layers=3, vocab_size=10)
+    # d=8, d_q=8, d_kv=4, m=16, n=5: 2*5*8*16 + 2*5*8*8 + 6*5*8*16 + 2*25*8
+    assert layer_flops(cfg, 5) == 1280 + 640 + 3840 + 400
+    assert prefill_flops(cfg, 5, 2, first_pruned_layer=1) == layer_flops(cfg, 5) + 2 * layer_flops(cfg, 2) + 160
+
+
+def test_eval_cli_writes_table_csv_and_plot(tmp_path):
+    model = tiny_models.save("llava", tmp_path / "model")
+    shards = tmp_path / "shards"
+    make_shards(shards, 1, 4, seed=100, split="eval")
+    out = tmp_path / "out"
+    code = main(["eval", "--model", str(model), "--codebook", str(tiny_codebook(tmp_path / "cb")),
+                 "--shards", str(shards), "--keep", "1.0,0.5,0.2", "--methods", "codebook,random,cls,fastv,pool",
+                 "--out", str(out), "--fastv-layer", "1", "--batch-size", "7"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["method"], float(r["keep"])) for r in rows] == [
+        (m, k) for m in ("codebook", "random", "cls", "fastv", "pool") for k in (1.0, 0.5, 0.2)]
+    full = [r for r in rows if r["keep"] == "1.0"]
+    assert len({r["accuracy"] for r in full}) == 1  # keep 1.0 removes nothing, whatever the method
+    for m in ("codebook", "random", "cls", "fastv", "pool"):
+        mine = [r for r in rows if r["method"] == m]
+        assert [float(r["kept_tokens"]) for r in mine] == [25, 12 if m == "pool" else 13, 5 if m != "pool" else 4]
+        assert float(mine[0]["prefill_gflops"]) > float(mine[1]["prefill_gflops"]) > float(mine[2]["prefill_gflops"])
+    assert (out / "accuracy_vs_kept.png").stat().st_size > 1000
+    assert "| codebook | 1 | 25 |" in (out / "results.md").read_text()
+    questions = sum(len(s["meta"]["qa"]) for s in load_shard_samples(sorted(shards.glob("*.tar"))))
+    assert json.loads((out / "results.json").read_text())[0]["questions"] == questions
+
+
+def test_eval_cli_dim_mismatch_and_bad_keep(tmp_path, capsys):
+    model = tiny_models.save("llava", tmp_path / "model")
+    shards = tmp_path / "shards"
+    make_shards(shards, 1, 1, seed=100, split="eval")
+    args = ["eval", "--model", str(model), "--shards", str(shards), "--out", str(tmp_path / "out")]
+    assert main(args + ["--codebook", str(tiny_codebook(tmp_path / "cb", dim=12))]) == 2
+    assert "embedding dim mismatch" in capsys.readouterr().err
+    assert main(args + ["--methods", "random", "--keep", "1.0,1.5"]) == 2
+    assert "keep ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (TOY_MODEL_DIR / "config.json").exists() or not (resolve_path("toy") / "manifest.json").exists(),
+                    reason="needs the trained toy checkpoint and the toy codebook")
+def test_codebook_pruning_holds_accuracy_on_the_toy_eval_split(tmp_path):
+    """The issue's claim on a modest held-out split (eval seed 100, never used for training or the codebook)."""
+    from vrc_dist.toy.evaluate import load_checkpoint
+
+    model, processor = load_checkpoint(TOY_MODEL_DIR)
+    samples = load_shard_samples(make_shards(tmp_path, 1, 60, seed=100, split="eval"))
+    codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
+    rows = evaluate(model, processor, samples, ["codebook", "random", "cls", "fastv", "pool"], KEEPS, codebook=codebook)
+    acc = {(r["method"], r["keep"]): r["accuracy"] for r in rows}
+    assert rows[0]["questions"] >= 300
+    assert acc["codebook", 0.111] >= 0.9 * acc["codebook", 1.0]
+    for keep in (0.111, 0.056):
+        assert acc["codebook", keep] >= max(acc[m, keep] for m in ("random", "cls", "fastv", "pool"))

@@ -1,0 +1,138 @@
+"""One harness for every pruning method: toy-world accuracy per question type, prefill FLOPs and time.
+
+Accuracy is the toy model's first answer token (answers are single words) against the ground truth,
+with position ids from the attention mask as `generate` makes them, so it equals greedy generation.
+Prefill FLOPs are analytic, for the language model only (the vision tower costs the same for every
+method): per layer, with n tokens in the sequence, hidden d, query width d_q = heads * head_dim,
+key/value width d_kv, MLP width m,
+    2 n d (d_q + 2 d_kv) + 2 n d_q d + 6 n d m     (projections and gated MLP)
+  + 2 n^2 d_q                                       (causal QK^T and AV: half of 2 * 2 n^2 d_q)
+summed over layers (FastV: layers < K at the unpruned n), plus 2 d V for the LM head at the last position.
+Wall time is measured around the language model's prefill (hooks) and around the whole forward.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from vrc_dist.baselines import make_method
+from vrc_dist.prune import prune_visual_tokens
+from vrc_dist.toy.world import QUESTION_TYPES
+
+
+def layer_flops(cfg, n: float) -> float:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d, m = cfg.hidden_size, cfg.intermediate_size
+    dq, dkv = cfg.num_attention_heads * head_dim, cfg.num_key_value_heads * head_dim
+    return 2 * n * d * (dq + 2 * dkv) + 2 * n * dq * d + 6 * n * d * m + 2 * n * n * dq
+
+
+def prefill_flops(cfg, n_full: float, n_kept: float, first_pruned_layer: int = 0) -> float:
+    """Language-model prefill FLOPs of one sequence; layers from `first_pruned_layer` on see n_kept tokens."""
+    layers = [n_full] * first_pruned_layer + [n_kept] * (cfg.num_hidden_layers - first_pruned_layer)
+    return sum(layer_flops(cfg, n) for n in layers) + 2 * cfg.hidden_size * cfg.vocab_size
+
+
+@dataclass
+class Batch:
+    inputs: dict
+    answers: torch.Tensor
+    qtypes: list[str]
+
+
+def build_batches(processor, samples: list[dict], batch_size: int) -> list[Batch]:
+    """Every (image, question) of the samples, tokenised once and reused by every method."""
+    tok = processor.tokenizer
+    tok.padding_side = "left"  # the last position must be every row's prompt end
+    rows = [(s["image"], qa) for s in samples for qa in s["meta"]["qa"]]
+    batches = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa["question"]}]}],
+            add_generation_prompt=True) for _, qa in chunk]
+        inputs = processor(images=[img for img, _ in chunk], text=texts, return_tensors="pt", padding=True)
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        answers = torch.tensor(tok.convert_tokens_to_ids([qa["answer"] for _, qa in chunk]))
+        batches.append(Batch(dict(inputs), answers, [qa["type"] for _, qa in chunk]))
+    return batches
+
+
+class _Timer:
+    """Seconds spent inside a module's forward, summed (hooks, so the method under test is untouched)."""
+
+    def __init__(self, module):
+        self.seconds, self._start = 0.0, None
+        self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
+
+    def _enter(self, *_):
+        self._start = time.perf_counter()
+
+    def _exit(self, *_):
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_method(model, batches: list[Batch], method) -> dict:
+    """Accuracy per question type, mean tokens kept per image, prefill FLOPs and seconds per question."""
+    cfg = model.config.text_config
+    first_pruned = getattr(method, "layer", 0)  # FastV prunes after layer K; the rest before layer 0
+    counts = defaultdict(lambda: [0, 0])
+    kept, total, flops, forward_s = [], [], 0.0, 0.0
+    timer = _Timer(model.model.language_model)
+    try:
+        for batch in batches:
+            with prune_visual_tokens(model, method=method) as pruner:
+                start = time.perf_counter()
+                logits = model(**batch.inputs, logits_to_keep=1).logits[:, -1]
+                forward_s += time.perf_counter() - start
+            for qtype, ok in zip(batch.qtypes, (logits.argmax(-1) == batch.answers).tolist()):
+                counts[qtype][0] += ok
+                counts[qtype][1] += 1
+            kept += pruner.kept
+            total += pruner.total
+            n_full = batch.inputs["attention_mask"].sum(1).tolist()
+            for n, k, t in zip(n_full, pruner.kept, pruner.total):  # one image per question
+                flops += prefill_flops(cfg, n, n - (t - k), first_pruned)
+    finally:
+        timer.remove()
+    n_questions = sum(c[1] for c in counts.values())
+    result = {
+        "kept_tokens": sum(kept) / len(kept),
+        "total_tokens": sum(total) / len(total),
+        "accuracy": sum(c[0] for c in counts.values()) / n_questions,
+        "questions": n_questions,
+        "prefill_gflops": flops / n_questions / 1e9,
+        "llm_prefill_ms": 1e3 * timer.seconds / n_questions,
+        "forward_ms": 1e3 * forward_s / n_questions,
+    }
+    for qtype in QUESTION_TYPES:
+        if qtype in counts:
+            result[f"acc_{qtype}"] = counts[qtype][0] / counts[qtype][1]
+    return result
+
+
+def evaluate(model, processor, samples, methods, keeps, codebook=None, batch_size: int = 64, seed: int = 0,
+             fastv_layer: int = 2, progress=None) -> list[dict]:
+    """One row per (method, keep); `relative` is accuracy over the unpruned accuracy."""
+    batches = build_batches(processor, samples, batch_size)
+    rows = []
+    for name in methods:
+        for keep in keeps:
+            method = make_method(name, keep, codebook=codebook, seed=seed, fastv_layer=fastv_layer)
+            row = {"method": name, "keep": keep, **run_method(model, batches, method)}
+            rows.append(row)
+            if progress:
+                progress(row)
+    # Relative to the unpruned model: keep 1.0 removes nothing, so any method's 1.0 row is it.
+    full = next((r for r in rows if r["keep"] == 1.0), None) or run_method(model, batches, make_method("random", 1.0))
+    for r in rows:
+        r["relative"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+    return rows
