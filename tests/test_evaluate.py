@@ -44,7 +44,7 @@ def test_eval_cli_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "out"
     code = main(["eval", "--model", str(model), "--codebook", str(tiny_codebook(tmp_path / "cb")),
                  "--shards", str(shards), "--keep", "1.0,0.5,0.2", "--methods", "codebook,random,cls,fastv,pool",
-                 "--out", str(out), "--fastv-layer", "1", "--batch-size", "7"])
+                 "--out", str(out), "--fastv-layer", "1", "--batch-size", "7", "--repeats", "1"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], float(r["keep"])) for r in rows] == [
@@ -81,7 +81,8 @@ def test_codebook_pruning_holds_accuracy_on_the_toy_eval_split(tmp_path):
     model, processor = load_checkpoint(TOY_MODEL_DIR)
     samples = load_shard_samples(make_shards(tmp_path, 1, 60, seed=100, split="eval"))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
-    rows = evaluate(model, processor, samples, ["codebook", "random", "cls", "fastv", "pool"], KEEPS, codebook=codebook)
+    rows = evaluate(model, processor, samples, ["codebook", "random", "cls", "fastv", "pool"], KEEPS, codebook=codebook,
+                    repeats=1)
     acc = {(r["method"], r["keep"]): r["accuracy"] for r in rows}
     assert rows[0]["questions"] >= 300
     assert acc["codebook", 0.111] >= 0.9 * acc["codebook", 1.0]
