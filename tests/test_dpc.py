@@ -154,7 +154,7 @@ TIES = {
     # hypercube vertices twice over: every distance is shared by many points (tie groups straddle k)
     "hypercube": lambda seed: np.tile(((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(np.float32), (2, 1)),
     "big_offset": lambda seed: np.random.default_rng(seed).standard_normal((800, 16)).astype(np.float32) + 1000,
-    "float16_4096d": lambda seed: np.random.default_rng(seed).standard_normal((200, 4096)).astype(np.float16),
+    "float16_4096d": lambda seed: np.random.default_rng(seed).standard_normal((150, 4096)).astype(np.float16),
 }
 
 
@@ -228,6 +228,10 @@ def test_dispatcher():
     big = DATA["random"](3000, 8, 0)
     assert_same(dpc_knn(big, 5, 8), dpc_knn_faiss(big, 5, 8))
     assert dpc_knn(big, 5, 8, backend="ivf").labels.shape == (3000,)
+    # FAISS options from ClusterConfig are fine when auto picks the exact backend; typos are not
+    assert_same(dpc_knn(small, 5, 8, use_gpu=False), dpc_knn_exact(small, 5, 8))
+    with pytest.raises(TypeError, match="nprobes"):
+        dpc_knn(small, 5, 8, nprobes=4)
 
 
 @pytest.mark.parametrize(

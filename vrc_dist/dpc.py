@@ -26,6 +26,7 @@ _WIDEN = (64, 512)  # neighbour-list lengths tried for points with no denser poi
 _CELLS = 1 << 22  # float64 values per temporary block (32 MB): bounds memory of distance blocks
 AUTO_EXACT_MAX = 2048
 AUTO_IVF_MIN = 200_000
+_FAISS_OPTIONS = {"use_gpu", "block_size", "nprobe", "hnsw_m", "ef_search"}
 
 
 @dataclass
@@ -37,7 +38,12 @@ class DPCResult:
 
 
 def dpc_knn(x, k: int, n_clusters: int, seed: int = 0, backend: str = "auto", **kw) -> DPCResult:
-    """DPC-KNN with the backend picked by size: auto | exact | faiss (= flat) | flat | ivf | hnsw."""
+    """DPC-KNN with the backend picked by size: auto | exact | faiss (= flat) | flat | ivf | hnsw.
+
+    kw: `dpc_knn_faiss` options (use_gpu, block_size, ...); the exact backend has no use for them."""
+    unknown = sorted(set(kw) - _FAISS_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown DPC option(s) {unknown}; known: {sorted(_FAISS_OPTIONS)}")
     x = _check(x, k, n_clusters)
     if backend == "auto":
         n = len(x)
@@ -103,9 +109,7 @@ def dpc_knn_faiss(
     m0 = min(n, k + _EXTRA)
     nb_d, nb_id, nb_lo = np.empty((n, m0)), np.empty((n, m0), np.int64), np.empty(n)
     for q in blocks:
-        nb_d[q], nb_id[q], nb_lo[q] = _certified(
-            sp, search, q, m0, n, exact, lambda d, lo: d[:, k - 1] <= lo
-        )
+        nb_d[q], nb_id[q], nb_lo[q] = _certified(sp, search, q, m0, n, exact, lambda d, lo: d[:, k - 1] <= lo)
     rho = _density(nb_d[:, :k], seed)
 
     # delta: the first denser point of a distance-sorted list is the nearest denser point, as long
