@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +12,8 @@ from vrc_dist.probe import TOKEN_COLUMNS, Prober, windows
 # error ~1e-6 becomes an absolute error ~sqrt(D) * 1e-6 (<= 1e-8 here). Real disagreements (a wrong
 # window, a wrong ablation) are the size of the values themselves, 1e-5 to 1e-2.
 FLOAT_TOL = dict(rtol=1e-5, atol=1e-8)
+TOY_CONFIG = Path(__file__).resolve().parents[1] / "vrc_dist" / "configs" / "toy.yaml"
+TOY_IMAGES = 12
 
 
 def test_windows_in_the_interior_are_centred():
@@ -128,3 +132,42 @@ def test_bad_engine_and_convention_are_errors(tiny_probers):
         Prober(ProbeConfig(), engine="fast", adapter=adapter)
     with pytest.raises(ValueError, match="divergence"):
         Prober(ProbeConfig(divergence="kl"), adapter=adapter)
+
+
+# ---- the toy model on its own world ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_prober():
+    from vrc_dist.config import load
+    from vrc_dist.toy import TOY_MODEL_DIR
+
+    if not (TOY_MODEL_DIR / "config.json").is_file():
+        pytest.skip("toy checkpoint not built yet")
+    return Prober(load(ProbeConfig, TOY_CONFIG, ["device=cpu"]))
+
+
+def test_batched_equals_one_at_a_time_on_toy_images(toy_prober):
+    from vrc_dist.toy.world import render
+
+    reference = Prober(toy_prober.cfg, engine="reference", adapter=toy_prober.adapter)
+    image = render("eval", 0, 0, 0)[0]
+    assert_same_results(toy_prober.probe(image, "eval-0"), reference.probe(image, "eval-0"))
+
+
+def test_toy_candidates_are_background(toy_prober):
+    """Figure 4 in miniature: object tokens are more informative, and candidates are background."""
+    from vrc_dist.toy.world import render
+
+    background, tokens = [], []
+    for i in range(TOY_IMAGES):
+        image, meta = render("eval", 0, 1, i)
+        r = toy_prober.probe(image, meta["key"])
+        background.append(np.asarray(meta["mask"]).reshape(-1) == 0)
+        tokens.append(r.tokens)
+    bg = np.concatenate(background)
+    cat = {c: np.concatenate([t[c] for t in tokens]) for c in ("candidate", "top1_prob", "score")}
+    assert cat["candidate"].sum() >= TOY_IMAGES, "too few candidates to judge precision"
+    assert bg[cat["candidate"]].mean() >= 0.9
+    assert cat["top1_prob"][~bg].mean() > cat["top1_prob"][bg].mean()
+    assert cat["score"][~bg].mean() > cat["score"][bg].mean()

@@ -127,7 +127,7 @@ class Prober:
 
         region_a = self._logits(window_block, len(distinct), win.shape[1])[of_token]
         region_b = self._logits(without_token, n, win.shape[1])
-        global_b = self._logits(without_window, len(distinct), n, image_context, starts=distinct.min(1))[of_token]
+        global_b = self._logits(without_window, len(distinct), n, image_context, distinct.min(1), slack=grid[1])[of_token]
 
         k, conv = cfg.k_div, cfg.divergence
         jsd_region = divergence(region_a, region_b, k, conv).cpu().numpy()
@@ -157,18 +157,30 @@ class Prober:
             candidate_index=candidate_index, candidate_vectors=tokens_np[candidate_index].astype(np.float16),
         )  # fmt: skip
 
-    def _logits(self, make_blocks, count: int, width: int, context: KVContext | None = None, starts=None) -> torch.Tensor:
+    def _logits(
+        self, make_blocks, count: int, width: int, context: KVContext | None = None, starts=None, slack: int = 0
+    ) -> torch.Tensor:
         """First-token logits [count, V] of the [len(indices), width, D] blocks `make_blocks(indices)` builds.
 
-        `starts[j]`: the first block position where variant j differs from `context`'s block; a batch
-        of variants reuses the cache up to the smallest start among them.
+        `starts[j]` (ascending): the first block position where variant j differs from `context`'s block.
+        A batch reuses the cache up to its smallest start, so batches are cut where starts drift more
+        than `slack` apart (a grid row): each variant recomputes at most that much more than it must.
         """
         if self.engine == "reference":
             return torch.stack([self.adapter.reference_logits(make_blocks(np.array([j]))[0], self.generate_tokens) for j in range(count)])
-        step = self.adapter.batch_size(width)
+        starts = np.zeros(count, dtype=np.int64) if starts is None else np.asarray(starts)
         out = []
-        for lo in range(0, count, step):
-            ix = np.arange(lo, min(lo + step, count))
-            shared = 0 if context is None else int(np.min(np.asarray(starts)[ix]))
+        for ix in batches(starts, self.adapter.batch_size(width), slack):
+            shared = int(starts[ix[0]]) if context is not None else 0
             out.append(self.adapter.first_token_logits(make_blocks(ix), context, shared))
         return torch.cat(out)
+
+
+def batches(starts: np.ndarray, size: int, slack: int):
+    """Consecutive index ranges of at most `size` whose starts lie within `slack` of the range's first."""
+    lo = 0
+    while lo < len(starts):
+        hi = min(lo + size, len(starts))
+        hi = lo + int(np.searchsorted(starts[lo:hi], starts[lo] + slack, side="right"))
+        yield np.arange(lo, hi)
+        lo = hi
