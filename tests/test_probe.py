@@ -6,7 +6,7 @@ from PIL import Image
 
 import tiny_models
 from vrc_dist.config import ProbeConfig
-from vrc_dist.probe import TOKEN_COLUMNS, Prober, windows
+from vrc_dist.probe import TOKEN_COLUMNS, Prober, batches, windows
 
 # Divergences are differences of nearly equal float32 probabilities: an engine-independent logit
 # error ~1e-6 becomes an absolute error ~sqrt(D) * 1e-6 (<= 1e-8 here). Real disagreements (a wrong
@@ -47,6 +47,12 @@ def test_windows_on_a_rectangular_grid_clamp_rows_and_columns_separately():
 def test_window_that_does_not_fit_is_an_error(grid):
     with pytest.raises(ValueError, match="3x3 window does not fit"):
         windows(grid, 3)
+
+
+def test_batches_respect_size_and_start_slack():
+    starts = np.array([0, 1, 2, 12, 13, 25, 26])
+    assert [b.tolist() for b in batches(starts, 4, slack=12)] == [[0, 1, 2, 3], [4, 5], [6]]
+    assert [b.tolist() for b in batches(np.zeros(5, dtype=int), 2, slack=0)] == [[0, 1], [2, 3], [4]]
 
 
 def picture(seed=0):
@@ -132,6 +138,27 @@ def test_bad_engine_and_convention_are_errors(tiny_probers):
         Prober(ProbeConfig(), engine="fast", adapter=adapter)
     with pytest.raises(ValueError, match="divergence"):
         Prober(ProbeConfig(divergence="kl"), adapter=adapter)
+
+
+def test_cli_prints_a_table_and_writes_parquet(tiny_probers, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from vrc_dist.cli import main
+
+    if tiny_probers[0].adapter.model_type != "llava":
+        pytest.skip("one architecture is enough for the CLI")
+    image = tmp_path / "in.png"
+    picture().save(image)
+    model = ["--model", tiny_probers[0].cfg.model, "--image", str(image), "--set", "device=cpu"]
+    assert main(["probe", *model]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{image}: grid 5x5") and len(lines) == 3 + 25
+    assert main(["probe", *model, "--out", str(tmp_path / "t.parquet")]) == 0
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.column_names == ["key", *TOKEN_COLUMNS] and table.num_rows == 25
+    assert b"divergence" in table.schema.metadata[b"model_info"]
+    assert main(["probe", "--model", str(tmp_path), "--image", str(image)]) == 2
+    assert "no config.json" in capsys.readouterr().err
 
 
 # ---- the toy model on its own world ----------------------------------------------------------
