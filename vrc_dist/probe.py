@@ -111,19 +111,21 @@ class Prober:
         image_context = self.adapter.context(v) if self.engine == "batched" else None
         intact = self._logits(lambda ix: v[None], 1, n, image_context, starts=[n])[0]
 
+        def on_device(a):
+            return torch.as_tensor(a, device=v.device)
+
         def window_block(ix):
-            return v[torch.as_tensor(distinct[ix])]
+            return v[on_device(distinct[ix])]
 
         def without_token(ix):
-            block = v[torch.as_tensor(win[ix])]
-            block[torch.arange(len(ix)), torch.as_tensor(slot[ix])] = pad
+            block = v[on_device(win[ix])]
+            block[on_device(np.arange(len(ix))), on_device(slot[ix])] = pad
             return block
 
         def without_window(ix):
             block = v[None].repeat(len(ix), 1, 1)
-            block.scatter_(1, torch.as_tensor(distinct[ix])[..., None].expand(-1, -1, v.shape[1]).to(v.device),
-                           pad.expand(len(ix), distinct.shape[1], -1))
-            return block
+            cells = on_device(distinct[ix])[..., None].expand(-1, -1, v.shape[1])
+            return block.scatter_(1, cells, pad.expand(len(ix), distinct.shape[1], -1))
 
         region_a = self._logits(window_block, len(distinct), win.shape[1])[of_token]
         region_b = self._logits(without_token, n, win.shape[1])
