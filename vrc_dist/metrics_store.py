@@ -192,19 +192,25 @@ class ShardWriter:
 
     def commit(self) -> dict:
         """Close the temporary files and move them into place; returns the row counts."""
-        self._flush()
-        for t in TABLES:
-            self.writers[t].close()
-        for t in TABLES:
-            _fsync_replace(self.temps[t], self.paths[t])
+        try:
+            self._flush()
+            for t in TABLES:
+                self.writers[t].close()
+            for t in TABLES:
+                _fsync_replace(self.temps[t], self.paths[t])
+        except BaseException:  # e.g. the disk filled up: leave no temporary files behind
+            self.abort()
+            raise
         return dict(self.counts)
 
     def abort(self) -> None:
+        """Drop the temporary files. Every table is cleaned even if closing one fails (a full disk)."""
         for t in TABLES:
             try:
                 self.writers[t].close()
-            finally:
-                self.temps[t].unlink(missing_ok=True)
+            except Exception:  # the file is being thrown away: its write error changes nothing
+                pass
+            self.temps[t].unlink(missing_ok=True)
 
 
 # --- manifest ------------------------------------------------------------------------------------------
