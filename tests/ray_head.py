@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,6 +57,8 @@ class LocalHead:
         self.proc = subprocess.Popen(
             [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
+             # Fixed default ports (agent 52365, client 10001) would clash with another head on this machine.
+             f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
              f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={object_store_bytes}",
              f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
@@ -93,7 +96,12 @@ class LocalHead:
             args += ["--submission-id", submission_id]
         if not wait:
             args.append("--no-wait")
-        return self.ray(*args, "--", *entrypoint, timeout=timeout)
+        for _ in range(30):  # the job API answers before the node's agent can take a job
+            r = self.ray(*args, "--", *entrypoint, timeout=timeout)
+            if "No available agent to submit job" not in r.stderr + r.stdout:
+                return r
+            time.sleep(2)
+        return r
 
     def stop(self) -> None:
         alive = process_tree(self.proc.pid)
@@ -109,6 +117,7 @@ class LocalHead:
                 alive = [p for p in alive if Path(f"/proc/{p}").exists() and not _zombie(p)]
         self.proc.wait(timeout=10)
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _zombie(pid: int) -> bool:
