@@ -115,3 +115,32 @@ def child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+def job_status(head, sid: str) -> str:
+    """PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED of a job on a tests/ray_head.LocalHead, from `ray job
+    status` run with the head's own auth token (the CLI prints the final states as sentences)."""
+    import re
+
+    r = head.ray("job", "status", "--address", head.address, sid, timeout=120)
+    text = r.stdout + r.stderr
+    if f"Job '{sid}' succeeded" in text:
+        return "SUCCEEDED"
+    if f"Job '{sid}' was stopped" in text:
+        return "STOPPED"
+    if f"Job '{sid}' failed" in text:
+        return "FAILED"
+    m = re.search(r"Status for job '[^']*': (\S+)", text)
+    return m.group(1).rsplit(".", 1)[-1] if m else f"UNKNOWN ({text.strip()[-300:]})"
+
+
+def wait_job(head, sid: str, timeout: float = 900, poll: float = 5) -> str:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = job_status(head, sid)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(poll)
+    raise TimeoutError(f"job {sid} still running after {timeout}s")
