@@ -28,7 +28,11 @@ def main() -> int:
         parser.error(f"use absolute paths in a Ray job (it runs in a temporary copy of the working dir): {relative}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ray.init(address="auto")
-    return execute(cfg)
+    try:
+        return execute(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input or settings: one clear line, no traceback
+        print(f"build_codebook: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

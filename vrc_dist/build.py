@@ -1,4 +1,4 @@
-"""The build pipeline: metrics stage on Ray (shards -> Parquet), then the codebook stage, then a summary.
+"""The build pipeline: metrics stage on Ray (shards -> Parquet) with its summary, then the codebook stage.
 
 The caller connects to Ray first (`vrc build` starts a local one; a Ray job connects to its cluster).
 """
@@ -84,23 +84,15 @@ def run_metrics(cfg: BuildConfig) -> dict:
     return summary
 
 
-def run_codebook(cfg: BuildConfig, model_info: dict) -> int | None:
+def run_codebook(cfg: BuildConfig) -> int | None:
     """Cluster the run's candidates into the next codebook version, when a codebook is configured."""
     if not cfg.codebook:
         return None
     from vrc_dist.clustering import build_version
 
+    model_info = Manifest.load(cfg.out).data.get("model_info") or {}
     return build_version(cfg.codebook, [cfg.out], cfg.cluster, model_id=model_info.get("model_id"),
                          name=cfg.codebook_name, probe=to_dict(cfg.probe))
-
-
-def run(cfg: BuildConfig) -> dict:
-    summary = run_metrics(cfg)
-    model_info = Manifest.load(cfg.out).data.get("model_info") or {}
-    version = run_codebook(cfg, model_info)
-    if version is not None:
-        summary["codebook"] = {"path": cfg.codebook, "version": version}
-    return summary
 
 
 def format_summary(summary: dict) -> str:
@@ -113,7 +105,5 @@ def format_summary(summary: dict) -> str:
         f"{summary['tokens_per_s']:.0f} tokens/s ({summary['images_per_s_loaded']:.2f} images/s once models were loaded)",
     ]
     lines += [f"  shard {n}: {e}" for n, e in summary["shard_errors"].items()]
-    if "codebook" in summary:
-        lines.append(f"codebook: {summary['codebook']['path']} v{summary['codebook']['version']:04d}")
     lines.append(f"output: {summary['out']}")
     return "\n".join(lines)

@@ -40,14 +40,17 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
 
 def execute(cfg: BuildConfig) -> int:
     """Run the pipeline on the already connected Ray; print the summary; 1 if nothing was processed."""
-    from vrc_dist.build import NothingProcessed, format_summary, run
+    from vrc_dist.build import NothingProcessed, format_summary, run_codebook, run_metrics
 
     try:
-        summary = run(cfg)
+        summary = run_metrics(cfg)
     except NothingProcessed as e:
         print(f"build failed: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summary))
+    print(format_summary(summary), flush=True)  # before clustering, which can take a while or fail
+    version = run_codebook(cfg)
+    if version is not None:
+        print(f"codebook: {cfg.codebook} v{version:04d}")
     return 0
 
 
