@@ -108,8 +108,6 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="metrics_store.ShardWriter.abort: a close() failing on the full disk skips "
-                   "the other tables' temp-file cleanup (fix: catch the close error per table); remove this mark then")
 def test_disk_full_loses_no_finished_shard_and_leaves_no_debris(tmp_path, small_disk):
     big_dim = 2048  # 2 candidates x 2048 x fp16 = 8 KiB per image: 400 images cannot fit in 1 MiB
     small = raw_tar(tmp_path / "small.tar", [(f"a{i}.png", png()) for i in range(4)])
