@@ -99,6 +99,16 @@ def test_pad_id_override_and_info(tmp_path):
         load_llava(str(path), device="cpu", dtype="float32", pad_token_id=10**7)
 
 
+def test_chat_template_saved_with_the_processor_only_is_found(tmp_path):
+    """Hub LLaVA repos keep the template in chat_template.json, beside the processor, not the tokenizer."""
+    path = tiny_models.save("llava", tmp_path / "llava")
+    template = (path / "chat_template.jinja").read_text()
+    (path / "chat_template.jinja").unlink()
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    adapter = load_llava(str(path), device="cpu", dtype="float32")
+    assert len(adapter.prefix_embeddings) == 3 and adapter.tokenizer.chat_template == template
+
+
 def test_cls_inside_the_visual_tokens_is_refused(tmp_path):
     """CLIP with strategy "full" keeps the CLS among the visual tokens: 26 tokens are not a 5x5 grid."""
     path = tiny_models.save("llava", tmp_path / "llava")

@@ -109,6 +109,18 @@ def checkpoint_revision(path: Path) -> str:
     return "sha256:" + digest.hexdigest()[:16]
 
 
+def processor_chat_template(path: Path) -> str | None:
+    """The chat template saved with the processor (hub LLaVA repos keep it there, not with the tokenizer)."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json"):
+        if (path / name).is_file():
+            template = json.loads((path / name).read_text()).get("chat_template")
+            if template:
+                return template
+    return None
+
+
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
@@ -132,10 +144,12 @@ def load_llava(
     model = MODEL_CLASSES[model_type].from_pretrained(path, dtype=dt).to(dev).eval()
     # The image processor and tokenizer, not the full processor: the probe never lets the processor
     # expand the image placeholder, and OneVision's processor object needs torchvision for video.
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = tokenizer.chat_template or processor_chat_template(path)
     return LlavaAdapter(
         model,
         AutoImageProcessor.from_pretrained(path),
-        AutoTokenizer.from_pretrained(path),
+        tokenizer,
         model_id=str(path_or_toy),
         revision=checkpoint_revision(path),
         prompt=prompt,
