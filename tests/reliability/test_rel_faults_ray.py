@@ -161,6 +161,40 @@ def test_all_actors_killed_at_once(head, world, clean, tmp_path):
     check_recovered(out, clean, "all actors SIGKILL")
 
 
+def test_disk_full_under_the_ray_build_then_resumed(head, world, clean, tmp_path):
+    """The output on a real tmpfs too small for the run. Whatever the run then says, it must say it clearly,
+    keep every shard it finished whole, and a resubmission once there is space must complete the dataset."""
+    import subprocess
+
+    need = sum(p.stat().st_size for p in clean.rglob("*") if p.is_file())
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    size_kb = max(32, (need // 2) // 1024)  # room for about half the run
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root): {proc.stderr.strip()}")
+    try:
+        out = mnt / "out"
+        r = submit(head, world, out)
+        text = r.stdout + r.stderr
+        m = Manifest.load(out)
+        failed = {n: e["error"] for n, e in m.shards.items() if e["status"] == "failed"}
+        assert len(m.done()) < 4, f"the run fit in {size_kb} KiB: the test proves nothing"
+        if r.returncode == 0:  # finished, with the shards that did not fit recorded as failed, saying why
+            assert failed and all("No space left" in e for e in failed.values()), failed
+        else:  # stopped, naming the cause
+            assert "No space left" in text, text[-3000:]
+        assert [e for e in doctor_errors(out) if "temporary file" not in e] == []
+        DEBRIS["disk full"] = temps(out)
+        subprocess.run(["mount", "-o", f"remount,size={max(4096, 4 * need // 1024)}k", str(mnt)], check=True)
+        r = submit(head, world, out)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        check_recovered(out, clean, "disk full, resumed")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_zz_killed_attempts_leave_no_temp_files():
     """Runs last (name order): every fault above must not have left temporary files behind."""
     if not DEBRIS:
