@@ -83,7 +83,7 @@ def dpc_knn_faiss(
     index: str = "flat",
     use_gpu: bool = False,
     block_size: int = 8192,
-    nprobe: int = 16,
+    nprobe: int = 32,
     hnsw_m: int = 32,
     ef_search: int = 128,
 ) -> DPCResult:
