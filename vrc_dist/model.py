@@ -7,12 +7,14 @@ suffix to get the first generated token's logits.
   used; the anyres tiles and newline embeddings are left out, so the grid is the tower's patch grid.
 - SigLIP towers (OneVision) have no CLS token: `cls` is None and the probe's cls_sim is NaN.
 - Batched logits reuse the prompt prefix's KV cache, computed once per prompt and expanded to the
-  batch, and a forward never holds more than `token_budget` tokens (batch x full sequence length).
+  batch; the last layer's output and the LM head are computed for the final position only; and a
+  forward never holds more than `token_budget` tokens (batch x full sequence length).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,27 @@ class KVContext:
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # each [1, heads, length, head_dim]
     length: int
+
+
+@contextmanager
+def last_position_only(layer):
+    """Run the last decoder layer's attention output projection and MLP on the final position only.
+
+    Only that position's output is ever read, and the layer still computes keys and values for every
+    position, so the result there is exact; the residual adds broadcast, leaving the other positions'
+    outputs meaningless. Saves most of one layer: ~40% of a 2-layer toy LM, ~2% of a 32-layer one.
+    """
+
+    def final_position(module, args):
+        return (args[0][:, -1:],)
+
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(final_position),
+               layer.mlp.register_forward_pre_hook(final_position)]  # fmt: skip
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def resolve_checkpoint(path_or_toy: str) -> Path:
@@ -306,7 +329,8 @@ class LlavaAdapter:
         )
         suffix = self.suffix_embeddings.expand(b, -1, -1)
         seq = torch.cat([rest.to(self.dtype), suffix], dim=1)
-        hidden = self.language_model(inputs_embeds=seq, past_key_values=cache, use_cache=True).last_hidden_state
+        with last_position_only(self.language_model.layers[-1]):
+            hidden = self.language_model(inputs_embeds=seq, past_key_values=cache, use_cache=True).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     @torch.no_grad()
