@@ -3,8 +3,8 @@
 A token is background when its patch has no object (mask == 0 in the sample's JSON). Reports, like
 the paper's Figure 4 in miniature, the mean top1_prob and score of object and background tokens,
 and the precision of candidate tokens being background. `--calibrate` instead searches thresholds
-(on the split given, use train images, not the eval ones you report on) that keep precision >= a target
-while flagging as many tokens as possible.
+(jsd, top1, cluster size; on train images, not the eval ones you report on) that keep precision
+>= a target while flagging as many tokens as possible.
 
     vrc toy make-shards --split eval --shards 1 --per-shard 60 --out out/toy/eval
     .venv/bin/python bench/probe_toy_eval.py --shards out/toy/eval --config vrc_dist/configs/toy.yaml
@@ -65,15 +65,17 @@ def summary(t: dict[str, np.ndarray]) -> dict:
     }
 
 
-def calibrate(t: dict[str, np.ndarray], cfg: ProbeConfig, target: float) -> tuple[float, float, float, int]:
-    """(jsd_thres, top1_thres, precision, candidates) flagging the most tokens at precision >= target."""
-    small_cluster = t["image_cluster_size"] <= cfg.cluster_size_thres
-    best = (float("nan"), float("nan"), float("nan"), 0)
-    for jsd in np.quantile(t["score"], np.linspace(0.02, 0.9, 45)):
-        for top1 in np.quantile(t["top1_prob"], np.linspace(0.02, 1.0, 50)):
-            cand = (t["score"] < jsd) & (t["top1_prob"] < top1) & small_cluster
-            if cand.sum() > best[3] and t["background"][cand].mean() >= target:
-                best = (float(jsd), float(top1), float(t["background"][cand].mean()), int(cand.sum()))
+def calibrate(t: dict[str, np.ndarray], target: float) -> dict:
+    """Thresholds flagging the most candidates at precision >= target: jsd_thres, top1_thres and
+    cluster_size_thres searched over quantiles of the observed values."""
+    best = {"candidates": 0}
+    for size in sorted(set(np.quantile(t["image_cluster_size"], [0.1, 0.25, 0.5, 0.75, 1.0]).astype(int))):
+        for jsd in np.quantile(t["score"], np.linspace(0.02, 0.9, 45)):
+            for top1 in np.quantile(t["top1_prob"], np.linspace(0.02, 1.0, 50)):
+                cand = (t["score"] < jsd) & (t["top1_prob"] < top1) & (t["image_cluster_size"] <= size)
+                if cand.sum() > best["candidates"] and t["background"][cand].mean() >= target:
+                    best = {"jsd_thres": float(jsd), "top1_thres": float(top1), "cluster_size_thres": int(size),
+                            "precision": float(t["background"][cand].mean()), "candidates": int(cand.sum())}
     return best
 
 
@@ -93,9 +95,13 @@ def main(argv=None) -> None:
     cfg = load(ProbeConfig, args.config, args.set)
     t = probe_all(Prober(cfg), samples_from(args))
     if args.calibrate:
-        jsd, top1, precision, n = calibrate(t, cfg, args.target)
-        print(f"jsd_thres: {jsd:.4g}\ntop1_thres: {top1:.4g}\n# precision {precision:.3f} with {n} candidates "
-              f"of {len(t['score'])} tokens ({t['background'].mean():.0%} background)")
+        best = calibrate(t, args.target)
+        if best["candidates"] == 0:
+            print(f"no thresholds reach precision {args.target}")
+            return
+        print(f"jsd_thres: {best['jsd_thres']:.4g}\ntop1_thres: {best['top1_thres']:.4g}\n"
+              f"cluster_size_thres: {best['cluster_size_thres']}\n# precision {best['precision']:.3f} with "
+              f"{best['candidates']} candidates of {len(t['score'])} tokens ({t['background'].mean():.0%} background)")
         return
     s = summary(t)
     print(f"{s['images']} images, {s['tokens']} tokens ({s['background_share']:.0%} background); "
