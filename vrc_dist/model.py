@@ -36,7 +36,8 @@ MODEL_CLASSES = {
     "llava_next": LlavaNextForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64: for checking that two computation paths agree beyond float32 rounding
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 class ModelError(ValueError):
