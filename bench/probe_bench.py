@@ -49,9 +49,10 @@ def main(argv=None) -> None:
     same_flags = all(
         np.array_equal(a.tokens[c], b.tokens[c]) for a, b in zip(fast, slow) for c in ("low_info", "candidate")
     )
+    # On the sqrt scale, as the tests compare them: float32 rounding moves a divergence D by ~sqrt(D) * 1e-6.
     worst = max(
-        float(np.max(np.abs(a.tokens[c] - b.tokens[c]) / np.maximum(np.abs(b.tokens[c]), 1e-8)))
-        for a, b in zip(fast, slow) for c in ("top1_prob", "jsd_region", "jsd_global", "score")
+        float(np.max(np.abs(np.sqrt(a.tokens[c]) - np.sqrt(b.tokens[c]))))
+        for a, b in zip(fast, slow) for c in ("jsd_region", "jsd_global", "score")
     )  # fmt: skip
     info = batched.model_info
     L = len(fast[0].tokens["score"])
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
           f"| {args.images / t_reference:.3f} | 1.0x |")
     print(f"| batched (prefix/intact KV reuse, token budget {cfg.token_budget}) | {t_batched:.2f} "
           f"| {args.images / t_batched:.3f} | **{t_reference / t_batched:.1f}x** |")
-    print(f"\nsame low_info/candidate flags: {same_flags}; worst relative metric difference: {worst:.1e}")
+    print(f"\nsame low_info/candidate flags: {same_flags}; worst |sqrt(D) difference| of the divergences: {worst:.1e}")
 
 
 if __name__ == "__main__":
