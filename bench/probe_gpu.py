@@ -28,7 +28,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, L
 
 from vrc_dist.config import ProbeConfig
 from vrc_dist.model import LlavaAdapter, resolve_device_dtype
-from vrc_dist.probe import Prober, windows
+from vrc_dist.probe import Prober, batches, windows
 from vrc_dist.toy.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
@@ -74,12 +74,12 @@ def image_flops(adapter: LlavaAdapter, cfg: ProbeConfig, grid) -> tuple[float, f
         + 2 * L * lm_flops(adapter, P + n + S, 0)
         + (L + 1) * lm_flops(adapter, P + L + S, 0)
     )
-    distinct = np.unique(windows(grid, cfg.window), axis=0)
-    step = adapter.batch_size(L)
-    shared = [distinct[lo : lo + step].min() for lo in range(0, len(distinct), step) for _ in distinct[lo : lo + step]]
+    starts = np.unique(windows(grid, cfg.window), axis=0).min(1)  # one per distinct window, ascending
+    # Each global variant recomputes from its batch's first start, batched as the probe batches them.
+    shared = [starts[ix[0]] for ix in batches(starts, adapter.batch_size(L), slack=grid[1]) for _ in ix]
     done = (
         lm_flops(adapter, P, 0) + L * lm_flops(adapter, cfg.dup + S, P)
-        + len(distinct) * lm_flops(adapter, n + S, P) + L * lm_flops(adapter, n + S, P)
+        + len(starts) * lm_flops(adapter, n + S, P) + L * lm_flops(adapter, n + S, P)
         + lm_flops(adapter, L, P) + lm_flops(adapter, S, P + L)
         + sum(lm_flops(adapter, L - s + S, P + s) for s in shared)
     )  # fmt: skip
