@@ -44,7 +44,7 @@ class ProbeActor:
     def ready(self) -> bool:
         return True
 
-    def run_shard(self, spec: ShardSpec) -> dict:
+    def run_shard(self, spec: ShardSpec, skip_keys: frozenset = frozenset()) -> dict:
         last = [0.0]
 
         def report(images: int, tokens: int) -> None:
@@ -52,7 +52,8 @@ class ProbeActor:
                 last[0] = time.time()
                 self.progress.report.remote(spec.name, images, tokens)
 
-        entry = process_shard(self.prober, spec, self.out_dir, self.cfg.max_image_bytes, self.fault, report)
+        entry = process_shard(self.prober, spec, self.out_dir, self.cfg.max_image_bytes, self.fault, report,
+                              skip_keys)
         self.progress.report.remote(spec.name, entry["images_ok"] + entry["images_error"], entry["tokens"])
         return entry
 
@@ -77,6 +78,7 @@ class RunStats:
     failed: list[str] = field(default_factory=list)
     images_ok: int = 0
     images_error: int = 0
+    images_skipped: int = 0  # known keys not probed (extend)
     tokens: int = 0
     candidates: int = 0
     actor_deaths: int = 0
@@ -123,11 +125,17 @@ def check_model(manifest: Manifest, info: dict) -> None:
         )
 
 
-def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest: Manifest) -> RunStats:
-    """Probe `specs` on the connected Ray cluster, recording each finished shard in the manifest."""
+def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest: Manifest,
+               skip_keys: frozenset = frozenset()) -> RunStats:
+    """Probe `specs` on the connected Ray cluster, recording each finished shard in the manifest.
+
+    Images whose key is in `skip_keys` are not probed (extend: already in the parent's datasets). The set
+    goes to the object store once; every shard call reads it from there.
+    """
     stats = RunStats()
     if not specs:
         return stats
+    skip = ray.put(frozenset(skip_keys)) if skip_keys else frozenset()
     progress = Progress.remote()
     actors, info = start_actors(cfg, out_dir, progress)
     check_model(manifest, info)
@@ -141,7 +149,7 @@ def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest
     def dispatch() -> None:
         while idle and queue:
             i, spec = idle.pop(), queue.popleft()
-            inflight[actors[i].run_shard.remote(spec)] = (i, spec)
+            inflight[actors[i].run_shard.remote(spec, skip)] = (i, spec)
 
     def record(spec: ShardSpec, entry: dict, n_attempts: int) -> None:
         entry["attempts"] = n_attempts
@@ -156,6 +164,7 @@ def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest
             log.warning("shard %s failed: %s", spec.name, entry["error"])
         for k in ("images_ok", "images_error", "tokens", "candidates"):
             setattr(stats, k, getattr(stats, k) + entry[k])
+        stats.images_skipped += entry.get("images_skipped", 0)
         manifest.record_shard(spec.name, entry)
 
     dispatch()

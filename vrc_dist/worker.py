@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,14 +56,22 @@ def process_shard(
     max_member_bytes: int = shards.MAX_MEMBER_BYTES,
     fault: FaultSwitch = FaultSwitch(),
     on_progress: Callable[[int, int], None] | None = None,
+    skip_keys: Container[str] = frozenset(),
 ) -> dict:
-    """Probe every image of one shard and commit its tables; returns the shard's manifest entry."""
+    """Probe every image of one shard and commit its tables; returns the shard's manifest entry.
+
+    Samples whose key is in `skip_keys` (images an earlier dataset already holds: extending a codebook)
+    are neither probed nor written; the entry then counts them as `images_skipped`.
+    """
     start = time.time()
     writer = ShardWriter(out_dir, spec.name, dim=int(prober.model_info["embed_dim"]))
     shard_error = None
-    images = tokens = 0
+    images = tokens = skipped = 0
     try:
         for sample in shards.iter_samples(spec.url, max_member_bytes):
+            if sample.key in skip_keys:
+                skipped += 1
+                continue
             images += 1
             if sample.error:
                 writer.add_error(sample.key, sample.error)
@@ -80,7 +88,10 @@ def process_shard(
     except BaseException:
         writer.abort()
         raise
-    return _entry(spec, "done", shard_error, writer.commit(), start)
+    entry = _entry(spec, "done", shard_error, writer.commit(), start)
+    if skip_keys:
+        entry["images_skipped"] = skipped
+    return entry
 
 
 def _probe_one(prober, writer: ShardWriter, sample: shards.Sample, name: str) -> int:
