@@ -48,15 +48,19 @@ def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
     return old
 
 
-def run_metrics(cfg: BuildConfig) -> dict:
-    """Probe every shard not yet done; returns this run's summary (also appended to the manifest)."""
-    specs = expand_shards(cfg.shards)
+def run_metrics(cfg: BuildConfig, specs: list[ShardSpec] | None = None,
+                skip_keys: frozenset[str] = frozenset()) -> dict:
+    """Probe every shard not yet done; returns this run's summary (also appended to the manifest).
+
+    `specs` defaults to cfg.shards expanded; images whose key is in `skip_keys` are not probed (extend).
+    """
+    specs = expand_shards(cfg.shards) if specs is None else specs
     manifest = open_run(cfg, specs)
     done = set(manifest.done())
     todo = [s for s in specs if s.name not in done]
     log.info("%d shards: %d already done, %d to run", len(specs), len(specs) - len(todo), len(todo))
     start = time.time()
-    stats = runner.run_shards(cfg, todo, Path(cfg.out), manifest)
+    stats = runner.run_shards(cfg, todo, Path(cfg.out), manifest, skip_keys)
     seconds = time.time() - start
     summary = {
         "shards": len(specs),
@@ -76,10 +80,17 @@ def run_metrics(cfg: BuildConfig) -> dict:
         "shard_errors": {n: e["error"] for n, e in manifest.shards.items() if e.get("error")},
         "out": str(Path(cfg.out).resolve()),
     }
+    if skip_keys:
+        summary["images_skipped"] = stats.images_skipped
     manifest.data["runs"].append({"finished": metrics_store.utc_now(), **summary})
     manifest.save()
     if sum(e["images_ok"] for e in manifest.shards.values() if e["status"] == "done") == 0:
-        reasons = summary["shard_errors"] or {"(images)": "every image failed; see the images table's error column"}
+        reasons = summary["shard_errors"]
+        if not reasons:
+            skipped = sum(e.get("images_skipped", 0) for e in manifest.shards.values())
+            probed = sum(e["images_ok"] + e["images_error"] for e in manifest.shards.values())
+            reasons = {"(images)": f"all {skipped} images are already in the parent's datasets: nothing new"
+                       if skipped and not probed else "every image failed; see the images table's error column"}
         raise NothingProcessed(f"no image could be processed in {len(specs)} shards: {reasons}")
     return summary
 
@@ -104,6 +115,8 @@ def format_summary(summary: dict) -> str:
         f"metrics stage: {summary['seconds']:.1f} s, {summary['images_per_s']:.2f} images/s, "
         f"{summary['tokens_per_s']:.0f} tokens/s ({summary['images_per_s_loaded']:.2f} images/s once models were loaded)",
     ]
+    if "images_skipped" in summary:
+        lines[1] += f"; {summary['images_skipped']} skipped (already in the parent's datasets)"
     lines += [f"  shard {n}: {e}" for n, e in summary["shard_errors"].items()]
     lines.append(f"output: {summary['out']}")
     return "\n".join(lines)

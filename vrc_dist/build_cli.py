@@ -56,6 +56,17 @@ def execute(cfg: BuildConfig) -> int:
 
 def _build(args) -> int:
     cfg = config_from_args(args)
+    return _on_local_ray(lambda: execute(cfg))
+
+
+def _extend(args) -> int:
+    from vrc_dist import extend
+
+    parent, cfg = extend.prepare(args)  # settings are checked before Ray starts anything
+    return _on_local_ray(lambda: extend.execute(parent, cfg))
+
+
+def _on_local_ray(run) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if not os.environ.get("RAY_ADDRESS"):
         # Ray maps 127.0.0.1 to the machine's routable address unless told it is not a cluster node;
@@ -68,7 +79,7 @@ def _build(args) -> int:
     else:
         ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
     try:
-        return execute(cfg)
+        return run()
     finally:
         ray.shutdown()
 
@@ -77,3 +88,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("build", help="probe shards into a metrics dataset (and a codebook) on local Ray")
     add_arguments(p)
     p.set_defaults(func=_build)
+
+    from vrc_dist import extend
+
+    p = subparsers.add_parser("extend", help="probe only new images, re-cluster with the parent's pool, commit the "
+                                             "next codebook version (local Ray)")
+    extend.add_arguments(p)
+    p.set_defaults(func=_extend)
