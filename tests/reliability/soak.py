@@ -59,7 +59,8 @@ def rate(samples: list[dict], lo: int, hi: int) -> float:
     return (b["images"] - a["images"]) / max(b["t"] - a["t"], 1e-9)
 
 
-def soak(images: int, per_shard: int, model: str, work: Path, interval: float = 5.0, actors: int = 2) -> dict:
+def soak(images: int, per_shard: int, model: str, work: Path, interval: float = 5.0, actors: int = 2,
+         overrides: list[str] = ()) -> dict:
     from ray_head import LocalHead
     from rel_helpers import job_status
 
@@ -73,7 +74,7 @@ def soak(images: int, per_shard: int, model: str, work: Path, interval: float = 
     samples, sid = [], f"soak-{int(time.time())}"
     try:
         entry = ["python", "jobs/build_codebook.py", "--model", model, "--out", str(out), "--actors", str(actors),
-                 "--shards", str(shards_dir / "*.tar")]
+                 "--shards", str(shards_dir / "*.tar")] + [a for o in overrides for a in ("--set", o)]
         r = head.submit(entry, str(REPO), wait=False, submission_id=sid)
         if r.returncode != 0:
             raise RuntimeError(r.stdout + r.stderr)
@@ -89,7 +90,14 @@ def soak(images: int, per_shard: int, model: str, work: Path, interval: float = 
         logs = head.ray("job", "logs", "--address", head.address, sid).stdout
     finally:
         head.stop()
-    return {"status": status, "images": images, "shards": n_shards, "actors": actors, "samples": samples,
+    rows = {}
+    if status == "SUCCEEDED":
+        from vrc_dist.metrics_store import TABLES, read_table
+
+        for t in TABLES:
+            ids = read_table(out, t, columns=["shard", "key"] + (["token_index"] if t != "images" else []))
+            rows[t] = {"rows": ids.num_rows, "distinct": ids.group_by(ids.column_names).aggregate([]).num_rows}
+    return {"status": status, "images": images, "rows": rows, "shards": n_shards, "actors": actors, "samples": samples,
             "summary": summarize(samples, images), "log_tail": logs[-3000:], "out": str(out)}
 
 
@@ -117,8 +125,9 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/vrc-soak")
     p.add_argument("--interval", type=float, default=5.0)
     p.add_argument("--json", help="write samples and summary here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="build config override")
     a = p.parse_args()
-    result = soak(a.images, a.per_shard, a.model, Path(a.work), a.interval, a.actors)
+    result = soak(a.images, a.per_shard, a.model, Path(a.work), a.interval, a.actors, a.set)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(result, indent=1))
@@ -127,6 +136,7 @@ def main() -> int:
     print(f"throughput images/s: start {s['images_per_s_start']:.2f}, end {s['images_per_s_end']:.2f}")
     for pid in s["rss_mb_start"]:
         print(f"actor {pid}: RSS start {s['rss_mb_start'][pid]:.0f} MB, end {s['rss_mb_end'].get(pid, float('nan')):.0f} MB")
+    print(f"rows: {result['rows']}")
     print(f"peak actor RSS {s['rss_mb_peak']:.0f} MB; actor pids seen {s['actor_pids_seen']}")
     return 0 if result["status"] == "SUCCEEDED" else 1
 
