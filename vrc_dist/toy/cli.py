@@ -38,6 +38,10 @@ def _eval(args) -> int:
     print(format_accuracy(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.write_card:
+        from vrc_dist.toy.card import write_model_card
+
+        write_model_card(TOY_MODEL_DIR if args.model == "toy" else args.model, result, args.shards, len(samples))
     return 0
 
 
@@ -63,4 +67,5 @@ def register(sub) -> None:
     p.add_argument("--model", default="toy")
     p.add_argument("--shards", required=True, help="an eval shard or a directory of them")
     p.add_argument("--json", help="also write the result as JSON")
+    p.add_argument("--write-card", action="store_true", help="write the accuracy into the model's README.md")
     p.set_defaults(func=_eval)

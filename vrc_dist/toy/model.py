@@ -11,7 +11,7 @@ from vrc_dist.toy.tokenizer import build_processor, build_tokenizer
 @dataclass
 class TinyLlavaSpec:
     image_size: int = 96
-    patch_size: int = 8  # 12 x 12 grid: LLaVA-1.5's 24 x 24 in miniature
+    patch_size: int = 12  # an 8 x 8 grid: LLaVA-1.5's 24 x 24 in miniature, small enough to train on a CPU
     vision_hidden: int = 96
     vision_layers: int = 4  # features come from layer -2, as in LLaVA-1.5
     text_hidden: int = 128

@@ -1,9 +1,17 @@
 """Train the tiny LLaVA on toy train shards, on the CPU, in minutes.
 
+Two stages, as LLaVA itself is built on a pretrained vision encoder: first the vision tower learns
+to say, for every patch, the shape and colour of the object covering it (the world's per-patch
+mask is the label); then the whole model learns to answer questions. Without the first stage a
+from-scratch language model sits at the answer prior for thousands of steps before it learns to
+read the image, far beyond a CPU budget of minutes.
+
 Large LLaVA models keep most of their answers when most visual tokens are dropped (the premise of
-token pruning). A tiny model trained only on full grids would not, so training randomly drops
-visual tokens (log-uniform keep counts, down to a single token) half of the time. The same choice
-makes the single-token pass of the probe meaningful: the model has learned to read one token.
+token pruning), and name what a single visual token shows (the paper's Figure 1). A tiny model
+trained only on full grids does neither, and learns to read the image very slowly. So some
+batches drop a random subset of visual tokens (log-uniform keep counts), and some ("focus"
+batches) show only a few tokens that always include the object the question is about. Background
+tokens are never shown alone with a target: how the model treats them is left to emerge.
 """
 from __future__ import annotations
 
@@ -20,29 +28,81 @@ import torch.nn.functional as F
 from vrc_dist.toy import TOY_MODEL_DIR
 from vrc_dist.toy.data import encode_samples, load_shard_samples
 from vrc_dist.toy.model import TinyLlavaSpec, build_model
+from vrc_dist.toy.world import COLOURS, SHAPES
 
 
 @dataclass
 class TrainConfig:
     shards: str = "out/toy/train"
     out: str = str(TOY_MODEL_DIR)
-    steps: int = 2400
+    vision_steps: int = 1500
+    steps: int = 3000
     batch_size: int = 48
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 150
     full_image_prob: float = 0.5
+    focus_prob: float = 0.35  # batches that show only a few tokens, always including the asked-about object
+    focus_max_tokens: int = 8
     seed: int = 0
-    max_minutes: float = 14.0
+    max_minutes: float = 60.0
     threads: int = 2
     log_every: int = 100
 
 
-def visual_tokens(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Projected patch tokens at LLaVA's feature layer (-2, CLS dropped): what the LLM sees."""
-    cfg = model.config
-    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
-    return model.model.multi_modal_projector(hidden[:, 1:])
+def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Vision-tower patch features at LLaVA's feature layer (-2, CLS dropped), before the projector."""
+    hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    return hidden[model.config.vision_feature_layer][:, 1:]
+
+
+@torch.no_grad()
+def _frozen_features(model, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([patch_features(model, pixels[i:i + chunk].float() / 127.5 - 1.0) for i in range(0, len(pixels), chunk)])
+
+
+def _patch_labels(samples: list[dict]) -> torch.Tensor:
+    """[N, L, 2] per-patch (shape, colour) class of the covering object; 0 is background."""
+    out = []
+    for s in samples:
+        meta = s["meta"]
+        owner = np.asarray(meta["mask"]).reshape(-1)
+        shape = np.array([0] + [SHAPES.index(o["shape"]) + 1 for o in meta["objects"]])[owner]
+        colour = np.array([0] + [list(COLOURS).index(o["colour"]) + 1 for o in meta["objects"]])[owner]
+        out.append(np.stack([shape, colour], -1))
+    return torch.as_tensor(np.stack(out))
+
+
+def pretrain_vision(model, pixels, labels, cfg: "TrainConfig", rng, progress) -> None:
+    """Stage 1: per-patch shape and colour classification at LLaVA's feature layer."""
+    tower = model.model.vision_tower
+    head = torch.nn.Linear(tower.config.hidden_size, len(SHAPES) + 1 + len(COLOURS) + 1)
+    opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Background is most of every grid; without down-weighting it the tower barely learns shapes.
+    shape_weight = torch.tensor([0.2] + [1.0] * len(SHAPES))
+    colour_weight = torch.tensor([0.2] + [1.0] * len(COLOURS))
+    losses = []
+    for step in range(cfg.vision_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(cfg, step, step / cfg.vision_steps)
+        pick = torch.as_tensor(rng.integers(len(pixels), size=cfg.batch_size))
+        out = head(patch_features(model, pixels[pick].float() / 127.5 - 1.0))
+        target = labels[pick]
+        n_shape = len(SHAPES) + 1
+        loss = F.cross_entropy(out[..., :n_shape].flatten(0, 1), target[..., 0].flatten(), weight=shape_weight) + F.cross_entropy(
+            out[..., n_shape:].flatten(0, 1), target[..., 1].flatten(), weight=colour_weight
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % cfg.log_every == 0:
+            progress(f"vision step {step + 1}/{cfg.vision_steps} patch loss {np.mean(losses[-cfg.log_every:]):.4f}")
+
+
+def _lr(cfg: "TrainConfig", step: int, done: float) -> float:
+    """Linear warm-up, then cosine decay to zero as `done` goes from 0 to 1."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def _keep_count(rng: np.random.Generator, n_tokens: int, full_prob: float) -> int:
@@ -51,15 +111,25 @@ def _keep_count(rng: np.random.Generator, n_tokens: int, full_prob: float) -> in
     return int(round(math.exp(rng.uniform(0, math.log(n_tokens)))))
 
 
-def _batch_loss(model, pixels, prefix, suffixes, answers, keep, rng):
-    """Next-token loss on the answer word and the end-of-sequence after it."""
+def _focus_tokens(rng, keep: int, owner: np.ndarray, target: int) -> np.ndarray:
+    """`keep` token indices that always include the object(s) the answer is about, so it stays correct."""
+    per_object = [np.flatnonzero(owner == j) for j in ([target] if target else range(1, owner.max() + 1))]
+    chosen = [rng.choice(p) for p in per_object if len(p)]
+    pool = np.setdiff1d(np.concatenate(per_object), chosen)
+    chosen += list(rng.permutation(pool)[: max(keep - len(chosen), 0)])
+    rest = np.setdiff1d(np.arange(len(owner)), chosen)
+    chosen += list(rng.permutation(rest)[: max(keep - len(chosen), 0)])
+    return np.sort(np.asarray(chosen[: max(keep, len(per_object))]))
+
+
+def _batch_loss(model, features, prefix, suffixes, answers, kept: list[np.ndarray]):
+    """Next-token loss on the answer word and the end-of-sequence after it; `kept[b]`: visual tokens shown."""
     embed = model.get_input_embeddings()
-    tokens = visual_tokens(model, pixels)
-    n = tokens.shape[1]
+    tokens = model.model.multi_modal_projector(features)
     eos = model.config.text_config.eos_token_id
     seqs, targets = [], []
     for b in range(len(suffixes)):
-        idx = torch.as_tensor(np.sort(rng.choice(n, size=keep, replace=False)))
+        idx = torch.as_tensor(kept[b])
         text_after = torch.tensor(list(suffixes[b]) + [answers[b]])
         seqs.append(torch.cat([embed(prefix), tokens[b, idx], embed(text_after)]))
         targets.append(len(seqs[-1]) - 2)  # position that predicts the answer
@@ -84,7 +154,12 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
         raise FileNotFoundError(f"no training shards (*.tar) in {cfg.shards}")
     pixels, items = encode_samples(samples, processor)
     prefix = torch.tensor(items.prefix)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
+    # Stage 2 keeps the vision tower frozen, as LLaVA does: its features are computed once.
+    model.model.vision_tower.requires_grad_(False)
+    features = _frozen_features(model, pixels)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     start, n_tokens, losses = time.time(), spec_tokens(spec), []
     for step in range(cfg.steps):
@@ -94,26 +169,31 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
         if done >= 1.0:
             progress(f"budget reached after {step} steps")
             break
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * done))
+        lr = _lr(cfg, step, done)
         for group in opt.param_groups:
             group["lr"] = lr
         pick = rng.integers(len(items.image), size=cfg.batch_size)
+        if rng.random() < cfg.focus_prob:
+            keep = int(rng.integers(1, cfg.focus_max_tokens + 1))
+            kept = [_focus_tokens(rng, keep, items.owner[i], items.target[i]) for i in pick]
+        else:
+            keep = _keep_count(rng, n_tokens, cfg.full_image_prob)
+            kept = [np.sort(rng.choice(n_tokens, size=keep, replace=False)) for _ in pick]
         loss = _batch_loss(
             model,
-            pixels[items.image[pick]].float() / 127.5 - 1.0,
+            features[items.image[pick]],
             prefix,
             [items.suffix[i] for i in pick],
             [items.answer[i] for i in pick],
-            _keep_count(rng, n_tokens, cfg.full_image_prob),
-            rng,
+            kept,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         losses.append(loss.item())
         if (step + 1) % cfg.log_every == 0:
-            progress(f"step {step + 1}/{cfg.steps} loss {np.mean(losses[-cfg.log_every:]):.4f} "
+            progress(f"qa step {step + 1}/{cfg.steps} loss {np.mean(losses[-cfg.log_every:]):.4f} "
                      f"lr {lr:.2e} {time.time() - start:.0f}s")
     model.eval()
     out = Path(cfg.out)

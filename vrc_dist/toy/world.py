@@ -27,7 +27,7 @@ BACKGROUNDS = ("solid", "gradient", "noise", "stripes")
 SPLITS = ("train", "eval")
 
 IMAGE_SIZE = 96
-GRID = 12
+GRID = 8
 
 QUESTION_TEMPLATES = {
     "single": DEFAULT_PROMPT,
@@ -53,8 +53,8 @@ def vocabulary() -> list[str]:
 class WorldSpec:
     image_size: int = IMAGE_SIZE
     grid: int = GRID
-    min_size: int = 22
-    max_size: int = 44
+    min_size: int = 28
+    max_size: int = 48
     max_objects: int = 3
 
 

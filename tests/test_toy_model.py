@@ -1,0 +1,64 @@
+"""The committed toy checkpoint: loads like a real one, is deterministic, and answers held-out images."""
+import pytest
+import torch
+
+from vrc_dist.toy import TOY_MODEL_DIR
+from vrc_dist.toy.evaluate import first_token_answers, load_checkpoint, toy_accuracy
+from vrc_dist.toy.world import render
+
+EVAL_SEED = 100  # never used to make training data
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_checkpoint(TOY_MODEL_DIR)
+
+
+@pytest.fixture(scope="module")
+def eval_samples():
+    samples = []
+    for i in range(150):
+        image, meta = render("eval", EVAL_SEED, 0, i)
+        samples.append({"key": meta["key"], "image": image, "meta": meta})
+    return samples
+
+
+def _logits(model, processor, image, question):
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
+    )
+    with torch.no_grad():
+        return model(**processor(images=image, text=text, return_tensors="pt")).logits
+
+
+def test_reload_from_disk_gives_identical_logits(toy, tmp_path):
+    model, processor = toy
+    image, meta = render("eval", EVAL_SEED, 1, 0)
+    before = _logits(model, processor, image, meta["qa"][0]["question"])
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again = _logits(*load_checkpoint(tmp_path), image, meta["qa"][0]["question"])
+    fresh = _logits(*load_checkpoint(TOY_MODEL_DIR), image, meta["qa"][0]["question"])
+    assert torch.equal(before, again) and torch.equal(before, fresh)
+
+
+def test_generate_answers_one_word_then_stops(toy, eval_samples):
+    model, processor = toy
+    sample = eval_samples[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample["meta"]["qa"][0]["question"]}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=sample["image"], text=text, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    words = processor.tokenizer.convert_ids_to_tokens(out[0, inputs["input_ids"].shape[1]:].tolist())
+    assert words[0] == first_token_answers(model, processor, [sample["image"]], [sample["meta"]["qa"][0]["question"]])[0]
+    assert words[1] == processor.tokenizer.eos_token
+
+
+def test_held_out_accuracy(toy, eval_samples):
+    accuracy = toy_accuracy(*toy, eval_samples)
+    assert accuracy["single"]["total"] == 150
+    assert accuracy["single"]["accuracy"] >= 0.90, accuracy
+    assert accuracy["shape"]["accuracy"] >= 0.80, accuracy
+    assert accuracy["colour"]["accuracy"] >= 0.80, accuracy

@@ -1,0 +1,44 @@
+"""The toy checkpoint's model card: what it is, how it was trained, how well it answers held-out images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vrc_dist.toy.evaluate import format_accuracy
+
+
+def write_model_card(model_dir, accuracy: dict, eval_source: str, n_images: int) -> Path:
+    model_dir = Path(model_dir)
+    training = json.loads((model_dir / "training.json").read_text())
+    arch = training["architecture"]
+    text = f"""# toy-llava
+
+A tiny `LlavaForConditionalGeneration` trained on vrc-dist's synthetic toy world, the embedded
+default model of vrc-dist (`--model toy`). It loads offline with `from_pretrained(path)`, exactly like
+a real LLaVA checkpoint. It exists to make the whole pipeline real end to end on a CPU; it says
+nothing about real images.
+
+- Vision: CLIP-style tower, {arch['image_size']} px images, patch {arch['patch_size']} (a
+  {arch['image_size'] // arch['patch_size']}x{arch['image_size'] // arch['patch_size']} grid), hidden {arch['vision_hidden']},
+  {arch['vision_layers']} layers; features from layer -2 with the CLS token dropped, as in LLaVA-1.5.
+- Projector: two-layer GELU MLP. Language model: Llama, hidden {arch['text_hidden']}, {arch['text_layers']} layers.
+- Tokenizer: word level (`PreTrainedTokenizerFast`), pad id 0; chat template `USER: <image>\\n{{question}} ASSISTANT:`.
+- Training: `vrc toy train` (vrc_dist/toy/train.py), {training['steps']} steps in {training['seconds']:.0f} s on a CPU,
+  {training['train_images']} train images, final loss {training['final_loss']:.4f}. Half of the batches
+  drop a random subset of visual tokens (keep counts log-uniform down to one token), so that, like
+  large LLaVA models, it keeps answering when most visual tokens are removed.
+  Config: `training.json`.
+
+## Held-out accuracy
+
+First generated word vs the ground truth, on {n_images} images of `{eval_source}` (eval split; its
+seed was not used in training):
+
+{format_accuracy(accuracy)}
+
+Reproduce: `vrc toy make-shards --out out/toy/eval --split eval --seed 100 --shards 2 --per-shard 200`
+then `vrc toy eval --shards out/toy/eval`.
+"""
+    path = model_dir / "README.md"
+    path.write_text(text)
+    return path
