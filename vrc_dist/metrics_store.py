@@ -118,9 +118,18 @@ class ShardWriter:
         self.paths = {t: table_path(out_dir, t, shard) for t in TABLES}
         self.temps = {t: _temp_beside(p) for t, p in self.paths.items()}
         self.writers: dict[str, pq.ParquetWriter] = {}
+        # Leftovers of an attempt killed mid-write: the driver runs one attempt per shard at a time,
+        # so any temp file of this shard's tables is dead.
         for t in TABLES:
             self.paths[t].parent.mkdir(parents=True, exist_ok=True)
-            self.writers[t] = pq.ParquetWriter(self.temps[t], self.schemas[t])
+            for stale in self.paths[t].parent.glob(f".{self.paths[t].name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+        try:
+            for t in TABLES:
+                self.writers[t] = pq.ParquetWriter(self.temps[t], self.schemas[t])
+        except BaseException:  # e.g. a full disk after the first file opened: leave nothing behind
+            self.abort()
+            raise
         self.buffers: dict[str, list[pa.Table]] = {t: [] for t in TABLES}
         self.buffered_images = 0
         self.counts = {"images_ok": 0, "images_error": 0, "tokens": 0, "candidates": 0}
@@ -207,7 +216,8 @@ class ShardWriter:
         """Drop the temporary files. Every table is cleaned even if closing one fails (a full disk)."""
         for t in TABLES:
             try:
-                self.writers[t].close()
+                if t in self.writers:
+                    self.writers[t].close()
             except Exception:  # the file is being thrown away: its write error changes nothing
                 pass
             self.temps[t].unlink(missing_ok=True)

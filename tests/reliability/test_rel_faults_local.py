@@ -160,8 +160,6 @@ def test_manifest_write_on_a_full_disk_keeps_the_old_manifest(small_disk):
     Path(small_disk / "filler").unlink()
 
 
-@pytest.mark.xfail(strict=True, reason="metrics_store.ShardWriter.__init__: when opening the 2nd or 3rd ParquetWriter "
-                   "fails (full disk), the temp files already opened leak: close and unlink them before re-raising")
 def test_shard_writer_that_cannot_start_on_a_full_disk_leaves_nothing(small_disk):
     from vrc_dist.metrics_store import ShardWriter
 

@@ -200,6 +200,4 @@ def test_zz_killed_attempts_leave_no_temp_files():
     if not DEBRIS:
         pytest.skip("no fault test ran")
     left = {fault: files for fault, files in DEBRIS.items() if files}
-    if left:
-        pytest.xfail(f"temp files of killed attempts stay forever (fix in ShardWriter: remove stale "
-                     f".<shard>.parquet.*.tmp when a shard starts): {left}")
+    assert not left, f"temp files of killed attempts were left behind: {left}"
