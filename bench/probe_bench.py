@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from vrc_dist.config import ProbeConfig, load
+from vrc_dist.config import load_probe_config
 from vrc_dist.probe import Prober
 from vrc_dist.toy.world import render
 
@@ -37,7 +37,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load(ProbeConfig, args.config, [f"model={args.model}"])
+    cfg = load_probe_config(args.config, [f"model={args.model}"])
     images = [render("eval", 0, 0, i)[0] for i in range(args.images)]
 
     batched = Prober(cfg)

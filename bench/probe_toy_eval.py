@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vrc_dist.config import ProbeConfig, load
+from vrc_dist.config import load_probe_config
 from vrc_dist.probe import Prober
 
 
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     p.add_argument("--target", type=float, default=0.95, help="precision the calibration must keep")
     args = p.parse_args(argv)
 
-    cfg = load(ProbeConfig, args.config, args.set)
+    cfg = load_probe_config(args.config, args.set)
     t = probe_all(Prober(cfg), samples_from(args))
     if args.calibrate:
         best = calibrate(t, args.target)

@@ -8,8 +8,9 @@ MODEL="${VRC_DEMO_MODEL:-toy}"  # or a LLaVA checkpoint directory
 mkdir -p "$OUT"
 
 echo "== toy shards"
-vrc toy make-shards --out "$OUT/shards/train" --shards 4 --per-shard 8 --seed 0 --split train
-vrc toy make-shards --out "$OUT/shards/eval" --shards 1 --per-shard 32 --seed 1 --split eval
+# Train-split images the model never saw (it was trained on seed 0), and a held-out eval split.
+vrc toy make-shards --out "$OUT/shards/train" --shards 4 --per-shard 25 --seed 1 --split train
+vrc toy make-shards --out "$OUT/shards/eval" --shards 1 --per-shard 60 --seed 100 --split eval
 
 echo "== toy model, held-out accuracy"
 vrc toy eval --model "$MODEL" --shards "$OUT/shards/eval"
@@ -70,9 +71,16 @@ done
 
 echo "== build job (2 probe actors)"  # the job's summary ends with images/s; a failed job fails the demo
 ray job submit --address "$ADDRESS" --working-dir . -- \
-  python jobs/build_codebook.py --model "$MODEL" --shards "$OUT/shards/train/*.tar" --out "$OUT/metrics" \
-  --codebook "$OUT/codebook" --actors 2 --overwrite \
-  --set cluster.min_images=3 --set cluster.n_clusters=16 \
+  python jobs/build_codebook.py --config vrc_dist/configs/toy.yaml --model "$MODEL" \
+  --shards "$OUT/shards/train/*.tar" --out "$OUT/metrics" --codebook "$OUT/codebook" --actors 2 --overwrite \
+  --set cluster.min_images=8 \
   2>&1 | tee "$OUT/build.log" | grep -v -e "^\s*$" -e "Loading weights"
 
-echo "== demo done: metrics in $OUT/metrics, codebook in $OUT/codebook"
+stop_ray  # the evaluation below needs no cluster; give its CPUs back
+RAY_PID=
+
+echo "== pruning with the new codebook vs baselines, held-out eval split"
+vrc eval --model "$MODEL" --codebook "$OUT/codebook" --shards "$OUT/shards/eval" \
+  --keep 1.0,0.5,0.25,0.111,0.056 --methods codebook,random,cls,fastv,pool --out "$OUT/eval"
+
+echo "== demo done: metrics in $OUT/metrics, codebook in $OUT/codebook, eval table in $OUT/eval"

@@ -171,12 +171,12 @@ def test_cli_prints_a_table_and_writes_parquet(tiny_probers, tmp_path, capsys):
 
 
 def toy_config(*overrides):
-    from vrc_dist.config import load
+    from vrc_dist.config import load_probe_config
     from vrc_dist.toy import TOY_MODEL_DIR
 
     if not (TOY_MODEL_DIR / "config.json").is_file():
         pytest.skip("toy checkpoint not built yet")
-    return load(ProbeConfig, TOY_CONFIG, ["device=cpu", *overrides])
+    return load_probe_config(TOY_CONFIG, ["device=cpu", *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -170,5 +170,15 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
     return from_dict(cls, data)
 
 
+def load_probe_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ProbeConfig:
+    """A ProbeConfig from a probe file, or from the `probe:` section of a build file such as
+    vrc_dist/configs/toy.yaml, so one file holds a model's calibrated thresholds for every command."""
+    data = read_config_file(path) if path else {}
+    data = data.get("probe", {}) if "probe" in data else data
+    for o in overrides or []:
+        apply_override(data, o)
+    return from_dict(ProbeConfig, data, "probe")
+
+
 def dumps(cfg) -> str:
     return json.dumps(to_dict(cfg), sort_keys=True)

@@ -27,12 +27,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from vrc_dist.config import ProbeConfig, load
+    from vrc_dist.config import load_probe_config
     from vrc_dist.images import load_image
     from vrc_dist.probe import Prober
 
     overrides = ([f"model={args.model}"] if args.model else []) + args.set
-    cfg = load(ProbeConfig, args.config, overrides)
+    cfg = load_probe_config(args.config, overrides)
     image = load_image(Path(args.image), args.image)
     prober = Prober(cfg, engine=args.engine)
     result = prober.probe(image, Path(args.image).name)
