@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from vrc_dist.prune import check_keep, image_runs, keep_count, newline_mask
+from vrc_dist.prune import HookedPruner, check_keep, image_runs, keep_count, newline_mask
 
 
 class FastV:
@@ -38,23 +38,20 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return x.gather(dim, view)
 
 
-class FastVPruner:
+class FastVPruner(HookedPruner):
     def __init__(self, model, fastv: FastV):
-        self.model, self.fastv = model, fastv
+        super().__init__(model)
+        self.fastv = fastv
         layers = model.model.language_model.layers
         if fastv.layer >= len(layers):
             raise ValueError(f"FastV layer K={fastv.layer} but the language model has {len(layers)} layers")
         self.layers = layers
-        self.kept: list[int] = []
-        self.total: list[int] = []
-        self._input_ids = None
         self._images = None  # per row: list of content-token positions per image
         self._pad = None
         self._attention = None
         self._keep_idx = None  # [B, T'] positions surviving layer K (prefill), kept for decode
         self._length = None  # unpruned prompt length
         self._step = None  # this forward's gathered (mask, position_embeddings, position_ids)
-        self._handles = []
 
     def attach(self):
         m = self.model.model
@@ -66,14 +63,6 @@ class FastVPruner:
         for layer in self.layers[self.fastv.layer:]:
             self._handles.append(layer.register_forward_pre_hook(self._before_layer, with_kwargs=True))
         return self
-
-    def detach(self):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def _capture(self, module, args, kwargs):
-        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
 
     def _before_llm(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")

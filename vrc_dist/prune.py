@@ -115,24 +115,15 @@ class CodebookMethod(ScoreMethod):
         return (v @ self._protos.T).max(-1).values
 
 
-class InputPruner:
-    """Hooks that apply a Method to every image run before the first LLM layer; see the module docstring."""
+class HookedPruner:
+    """Forward hooks on a LLaVA model that see its input ids and count kept tokens per image."""
 
-    def __init__(self, model, method: Method):
-        self.model, self.method = model, method
-        self.image_token_id = model.config.image_token_id
+    def __init__(self, model):
+        self.model = model
         self.kept: list[int] = []  # content tokens kept per image, last prefill
         self.total: list[int] = []  # content tokens per image before pruning, last prefill
         self._input_ids = None
-        self._state = None  # (pruned 2-D mask, tokens removed per row, pruned length) for decode steps
         self._handles = []
-
-    def attach(self):
-        self._handles = self.method.attach(self.model)
-        self._handles.append(self.model.model.register_forward_pre_hook(self._capture, with_kwargs=True))
-        lm = self.model.model.language_model
-        self._handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
-        return self
 
     def detach(self):
         for h in self._handles:
@@ -144,6 +135,23 @@ class InputPruner:
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
         if self._input_ids is None and kwargs.get("pixel_values") is not None:
             raise ValueError("visual token pruning needs input_ids (it finds the image by its placeholder tokens)")
+
+
+class InputPruner(HookedPruner):
+    """Hooks that apply a Method to every image run before the first LLM layer; see the module docstring."""
+
+    def __init__(self, model, method: Method):
+        super().__init__(model)
+        self.method = method
+        self.image_token_id = model.config.image_token_id
+        self._state = None  # (pruned 2-D mask, tokens removed per row, pruned length) for decode steps
+
+    def attach(self):
+        self._handles = self.method.attach(self.model)
+        self._handles.append(self.model.model.register_forward_pre_hook(self._capture, with_kwargs=True))
+        lm = self.model.model.language_model
+        self._handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
+        return self
 
     def _before_llm(self, module, args, kwargs):
         cache = kwargs.get("past_key_values")
