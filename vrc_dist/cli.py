@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except BrokenPipeError:  # `vrc ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError, PermissionError) as e:
         # Clear, one-line errors for bad input; tracebacks are for bugs.
         print(f"vrc {args.command}: error: {e}", file=sys.stderr)
