@@ -43,13 +43,9 @@ def target_object(meta: dict, qa: dict) -> int:
     return 1 + next(j for j, o in enumerate(objects) if all(o[attr] in words for attr in named))
 
 
+@lru_cache(maxsize=1024)  # a few dozen distinct questions across tens of thousands of samples
 def prompt_ids(processor, question: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the single image placeholder, from the model's own chat template."""
-    return _prompt_ids(processor, question)
-
-
-@lru_cache(maxsize=1024)
-def _prompt_ids(processor, question):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     ids = processor.tokenizer(text)["input_ids"]
