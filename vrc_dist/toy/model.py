@@ -6,17 +6,23 @@ from dataclasses import dataclass
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vrc_dist.toy.tokenizer import build_processor, build_tokenizer
+from vrc_dist.toy.world import GRID, IMAGE_SIZE
 
 
 @dataclass
 class TinyLlavaSpec:
-    image_size: int = 96
-    patch_size: int = 12  # an 8 x 8 grid: LLaVA-1.5's 24 x 24 in miniature, small enough to train on a CPU
+    image_size: int = IMAGE_SIZE
+    # The world's grid (8 x 8): LLaVA-1.5's 24 x 24 in miniature, small enough to train on a CPU.
+    patch_size: int = IMAGE_SIZE // GRID
     vision_hidden: int = 96
     vision_layers: int = 4  # features come from layer -2, as in LLaVA-1.5
     text_hidden: int = 128
     text_layers: int = 3
     heads: int = 4
+
+    @property
+    def n_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
 
 
 def build_model(spec: TinyLlavaSpec = TinyLlavaSpec(), seed: int = 0):

@@ -46,7 +46,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int = 96, patch_size: int = 12) -> LlavaProcessor:
+def build_processor(tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},

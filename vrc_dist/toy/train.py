@@ -51,14 +51,17 @@ class TrainConfig:
 
 
 def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Vision-tower patch features at LLaVA's feature layer (-2, CLS dropped), before the projector."""
+    """Vision-tower patch features at LLaVA's feature layer (-2, CLS dropped), before the projector.
+
+    `pixels` are uint8 [B, 3, H, W]; scaled here as the processor does (mean 0.5, std 0.5)."""
+    pixels = pixels.float() / 127.5 - 1.0
     hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
     return hidden[model.config.vision_feature_layer][:, 1:]
 
 
 @torch.no_grad()
 def _frozen_features(model, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([patch_features(model, pixels[i:i + chunk].float() / 127.5 - 1.0) for i in range(0, len(pixels), chunk)])
+    return torch.cat([patch_features(model, pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
 
 
 def _patch_labels(samples: list[dict]) -> torch.Tensor:
@@ -83,10 +86,9 @@ def pretrain_vision(model, pixels, labels, cfg: "TrainConfig", rng, progress) ->
     colour_weight = torch.tensor([0.2] + [1.0] * len(COLOURS))
     losses = []
     for step in range(cfg.vision_steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(cfg, step, step / cfg.vision_steps)
+        _set_lr(opt, cfg, step, step / cfg.vision_steps)
         pick = torch.as_tensor(rng.integers(len(pixels), size=cfg.batch_size))
-        out = head(patch_features(model, pixels[pick].float() / 127.5 - 1.0))
+        out = head(patch_features(model, pixels[pick]))
         target = labels[pick]
         n_shape = len(SHAPES) + 1
         loss = F.cross_entropy(out[..., :n_shape].flatten(0, 1), target[..., 0].flatten(), weight=shape_weight) + F.cross_entropy(
@@ -100,9 +102,12 @@ def pretrain_vision(model, pixels, labels, cfg: "TrainConfig", rng, progress) ->
             progress(f"vision step {step + 1}/{cfg.vision_steps} patch loss {np.mean(losses[-cfg.log_every:]):.4f}")
 
 
-def _lr(cfg: "TrainConfig", step: int, done: float) -> float:
-    """Linear warm-up, then cosine decay to zero as `done` goes from 0 to 1."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * done))
+def _set_lr(opt, cfg: "TrainConfig", step: int, done: float) -> float:
+    """Linear warm-up, then cosine decay to zero as `done` goes from 0 to 1; returns the rate set."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * done))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def _keep_count(rng: np.random.Generator, n_tokens: int, full_prob: float) -> int:
@@ -161,7 +166,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
-    start, n_tokens, losses = time.time(), spec_tokens(spec), []
+    start, n_tokens, losses = time.time(), spec.n_tokens, []
     for step in range(cfg.steps):
         # Cosine decay over whichever budget runs out first, steps or wall time: on a busy machine
         # the run still ends annealed instead of being cut off at a high learning rate.
@@ -169,9 +174,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
         if done >= 1.0:
             progress(f"budget reached after {step} steps")
             break
-        lr = _lr(cfg, step, done)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        lr = _set_lr(opt, cfg, step, done)
         pick = rng.integers(len(items.image), size=cfg.batch_size)
         if rng.random() < cfg.focus_prob:
             keep = int(rng.integers(1, cfg.focus_max_tokens + 1))
@@ -205,6 +208,3 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
 
-
-def spec_tokens(spec: TinyLlavaSpec) -> int:
-    return (spec.image_size // spec.patch_size) ** 2
