@@ -56,18 +56,14 @@ def _floats(text: str) -> list[float]:
 def _eval(args) -> int:
     from vrc_dist.codebook import Codebook
     from vrc_dist.evaluate import evaluate
-    from vrc_dist.toy import TOY_MODEL_DIR
-    from vrc_dist.toy.data import load_shard_samples
+    from vrc_dist.toy.data import load_toy_samples
     from vrc_dist.toy.evaluate import load_checkpoint
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    shards = sorted(Path(args.shards).glob("*.tar")) if Path(args.shards).is_dir() else [Path(args.shards)]
-    samples = load_shard_samples(p for p in shards if p.exists())
-    if not samples:
-        raise FileNotFoundError(f"no toy shards at {args.shards}")
+    samples = load_toy_samples(args.shards)
     if args.limit:
         samples = samples[: args.limit]
-    model, processor = load_checkpoint(TOY_MODEL_DIR if args.model == "toy" else args.model)
+    model, processor = load_checkpoint(args.model)
     codebook = None
     if "codebook" in methods:
         codebook = Codebook.open(args.codebook, version=args.codebook_version,

@@ -25,14 +25,12 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from vrc_dist.toy.data import load_shard_samples
+    from vrc_dist.model import resolve_checkpoint
+    from vrc_dist.toy.data import load_toy_samples
     from vrc_dist.toy.evaluate import format_accuracy, load_checkpoint, toy_accuracy
 
-    shards = sorted(Path(args.shards).glob("*.tar")) if Path(args.shards).is_dir() else [Path(args.shards)]
-    samples = load_shard_samples(shards)
-    if not samples:
-        raise FileNotFoundError(f"no toy shards at {args.shards}")
-    model, processor = load_checkpoint(TOY_MODEL_DIR if args.model == "toy" else args.model)
+    samples = load_toy_samples(args.shards)
+    model, processor = load_checkpoint(args.model)
     result = toy_accuracy(model, processor, samples)
     print(f"held-out accuracy of {args.model} on {len(samples)} images from {args.shards}:")
     print(format_accuracy(result))
@@ -41,7 +39,7 @@ def _eval(args) -> int:
     if args.write_card:
         from vrc_dist.toy.card import write_model_card
 
-        write_model_card(TOY_MODEL_DIR if args.model == "toy" else args.model, result, args.shards, len(samples))
+        write_model_card(resolve_checkpoint(args.model), result, args.shards, len(samples))
     return 0
 
 

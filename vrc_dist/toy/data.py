@@ -3,10 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import webdataset as wds
+
+
+def load_toy_samples(path) -> list[dict]:
+    """Samples of a directory of toy shards (*.tar) or of one shard; a clear error if there are none."""
+    path = Path(path)
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    samples = load_shard_samples(p for p in shards if p.exists())
+    if not samples:
+        raise FileNotFoundError(f"no toy shards at {path}")
+    return samples
 
 
 def load_shard_samples(paths) -> list[dict]:

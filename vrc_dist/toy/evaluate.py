@@ -6,11 +6,13 @@ from collections import defaultdict
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+from vrc_dist.model import resolve_checkpoint
 from vrc_dist.toy.world import QUESTION_TYPES
 
 
 def load_checkpoint(path):
-    """The same `from_pretrained` calls a user makes for a real checkpoint."""
+    """"toy" or a checkpoint directory, through the same `from_pretrained` calls a user makes."""
+    path = resolve_checkpoint(str(path))
     processor = AutoProcessor.from_pretrained(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
     return model, processor
