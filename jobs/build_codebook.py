@@ -14,18 +14,14 @@ import argparse  # noqa: E402
 
 import ray  # noqa: E402
 
-from vrc_dist.build_cli import add_arguments, config_from_args, execute  # noqa: E402
+from vrc_dist.build_cli import add_arguments, config_from_args, execute, reject_relative_paths  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_arguments(parser)
     cfg = config_from_args(parser.parse_args())
-    # Relative paths would land in (or be looked up in) the job's temporary copy of the working dir.
-    paths = [cfg.out, *cfg.shards, *([cfg.codebook] if cfg.codebook else [])]
-    relative = [p for p in paths if "://" not in p and not p.startswith(("pipe:", "/"))]
-    if relative:
-        parser.error(f"use absolute paths in a Ray job (it runs in a temporary copy of the working dir): {relative}")
+    reject_relative_paths(parser, [cfg.out, *cfg.shards, *([cfg.codebook] if cfg.codebook else [])])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     ray.init(address="auto")
     try:

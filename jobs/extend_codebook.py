@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 
 import ray  # noqa: E402
 
+from vrc_dist.build_cli import reject_relative_paths  # noqa: E402
 from vrc_dist.extend import add_arguments, execute, prepare  # noqa: E402
 
 
@@ -23,11 +24,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_arguments(parser)
     args = parser.parse_args()
-    # Relative paths would land in (or be looked up in) the job's temporary copy of the working dir.
-    relative = [p for p in [args.out, args.codebook, *args.shards]
-                if "://" not in p and not p.startswith(("pipe:", "/"))]
-    if relative:
-        parser.error(f"use absolute paths in a Ray job (it runs in a temporary copy of the working dir): {relative}")
+    reject_relative_paths(parser, [args.out, args.codebook, *args.shards])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         parent, cfg = prepare(args)  # settings are checked before Ray starts anything

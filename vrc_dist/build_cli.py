@@ -24,6 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
 
 
+def reject_relative_paths(parser: argparse.ArgumentParser, paths: list[str]) -> None:
+    """For Ray job entry points: a job runs in a temporary copy of the working dir, so relative paths
+    would land (or be looked up) there."""
+    relative = [p for p in paths if "://" not in p and not p.startswith(("pipe:", "/"))]
+    if relative:
+        parser.error(f"use absolute paths in a Ray job (it runs in a temporary copy of the working dir): {relative}")
+
+
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     cfg = load(BuildConfig, args.config, args.set)
     # Flags are set directly, not as `key=value` overrides: a path or a brace glob is not always valid YAML.
