@@ -96,7 +96,7 @@ def test_threshold_prunes_rows_unequally_and_equals_the_hand_pruned_prompt(llava
 def test_keep_ratio_counts_and_original_order(llava, codebook, features):
     model, inputs = llava
     seen = []
-    with prune_visual_tokens(model, method=make_method("codebook", 0.2, codebook=codebook)) as pruner:
+    with prune_visual_tokens(model, method=make_method("codebook-plain", 0.2, codebook=codebook)) as pruner:
         hook = model.model.language_model.register_forward_pre_hook(  # after the pruner's: sees its output
             lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
         with torch.no_grad():
@@ -108,6 +108,52 @@ def test_keep_ratio_counts_and_original_order(llava, codebook, features):
     ids = inputs["input_ids"][0]
     after = len(ids) - 1 - int((ids == model.config.image_token_id).nonzero().max())  # text tokens after the image
     assert torch.allclose(seen[0][0, -(5 + after):-after], features[0][expected])
+
+
+def _diverse_reference(tokens: np.ndarray, protos: np.ndarray, k: int) -> list[int]:
+    """The diversity rule from scratch: each step, among unchosen tokens, the one whose highest cosine
+    to any prototype or any token chosen so far is lowest (first index on ties)."""
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    v, p = unit(tokens.astype(np.float64)), unit(protos.astype(np.float64))
+    chosen = []
+    for _ in range(k):
+        redundancy = [max((p @ v[i]).max(), max((v[c] @ v[i] for c in chosen), default=-1.0))
+                      if i not in chosen else np.inf for i in range(len(v))]
+        chosen.append(int(np.argmin(redundancy)))
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("keep", [0.04, 0.2, 0.5, 0.8, 1.0])
+def test_diverse_keep_equals_the_from_scratch_reference(llava, tmp_path, keep):
+    model, _ = llava
+    d = model.config.text_config.hidden_size
+    rng = np.random.default_rng(1)
+    protos = rng.normal(size=(6, d))
+    # Tokens near prototypes, near each other (groups of a few), and unlike anything, mixed.
+    groups = rng.normal(size=(5, d))
+    tokens = np.concatenate([protos[rng.integers(6, size=10)] + 0.5 * rng.normal(size=(10, d)),
+                             groups[rng.integers(5, size=15)] + 0.5 * rng.normal(size=(15, d)),
+                             rng.normal(size=(5, d))])[rng.permutation(30)]
+    method = make_method("codebook", keep, codebook=make_codebook(tmp_path / "cb", protos))
+    method.attach(model)
+    _, idx = method.reduce(torch.from_numpy(tokens).float(), 0)
+    assert idx.tolist() == _diverse_reference(tokens, protos, keep_count(keep, 30))
+
+
+def test_diverse_keep_spreads_over_near_duplicates(llava, tmp_path):
+    model, _ = llava
+    d = model.config.text_config.hidden_size
+    rng = np.random.default_rng(0)
+    background, big, small = (rng.normal(size=d) for _ in range(3))
+    # Ten near-copies of one large object, slightly less like the background than one small object's token.
+    tokens = np.stack([big + 0.01 * rng.normal(size=d) for _ in range(10)] + [small + 0.3 * background])
+    method = make_method("codebook", 2 / 11, codebook=make_codebook(tmp_path / "cb", background[None]))
+    method.attach(model)
+    plain = make_method("codebook-plain", 2 / 11, codebook=method.codebook)
+    plain.attach(model)
+    t = torch.from_numpy(tokens).float()
+    assert plain.reduce(t, 0)[1].tolist() != [0, 10] and 10 not in plain.reduce(t, 0)[1].tolist()
+    assert 10 in method.reduce(t, 0)[1].tolist()
 
 
 def test_keep_count():

@@ -6,6 +6,7 @@
   (SigLIP, OneVision) use the attention each patch receives from all queries, as VisionZip does.
 - pool: average-pool the patch grid down to about the kept count (a h' x w' grid, h' = floor(sqrt(n))).
 - fastv: FastV (vrc_dist.fastv), prunes inside the LLM after layer K by the last token's attention.
+(codebook-plain is the codebook's lowest-similarity tokens without the diversity rule, for comparison.)
 All but fastv run through the same pruner as the codebook (vrc_dist.prune.InputPruner).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from vrc_dist.prune import CodebookMethod, Method, ScoreMethod, check_keep, keep_count
 
-METHODS = ("codebook", "random", "cls", "fastv", "pool")
+METHODS = ("codebook", "codebook-plain", "random", "cls", "fastv", "pool")
 
 
 class RandomMethod(ScoreMethod):
@@ -92,10 +93,10 @@ class PoolMethod(Method):
 
 def make_method(name: str, keep: float, codebook=None, seed: int = 0, fastv_layer: int = 2) -> Method:
     """The method called `name` at keep ratio `keep` (one harness runs them all)."""
-    if name == "codebook":
+    if name in ("codebook", "codebook-plain"):
         if codebook is None:
-            raise ValueError("the codebook method needs a codebook")
-        return CodebookMethod(codebook, keep=keep)
+            raise ValueError(f"the {name} method needs a codebook")
+        return CodebookMethod(codebook, keep=keep, diverse=name == "codebook")
     if name == "random":
         return RandomMethod(keep, seed)
     if name == "cls":

@@ -65,7 +65,7 @@ def _eval(args) -> int:
         samples = samples[: args.limit]
     model, processor = load_checkpoint(args.model)
     codebook = None
-    if "codebook" in methods:
+    if any(m.startswith("codebook") for m in methods):
         codebook = Codebook.open(args.codebook, version=args.codebook_version,
                                  expected_dim=model.config.text_config.hidden_size)
     torch_threads(args.threads)

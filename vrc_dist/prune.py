@@ -92,13 +92,20 @@ class ScoreMethod(Method):
 
 
 class CodebookMethod(ScoreMethod):
-    """s(v) = max cosine similarity to the codebook's redundant prototypes; high s = redundant."""
+    """s(v) = max cosine similarity to the codebook's redundant prototypes; high s = redundant.
+
+    By keep ratio with `diverse` (the default), tokens are kept greedily, least redundant first, and
+    each kept token joins the redundancy set: a token that nearly copies one already kept adds no
+    more than a token that matches a prototype. Without it, a fixed budget can go entirely to the
+    many near-identical patches of one large object and miss the others."""
 
     name = "codebook"
 
-    def __init__(self, codebook: Codebook | str, keep: float | None = None, threshold: float | None = None):
+    def __init__(self, codebook: Codebook | str, keep: float | None = None, threshold: float | None = None,
+                 diverse: bool = True):
         super().__init__(keep, threshold)
         self.codebook = codebook if isinstance(codebook, Codebook) else Codebook.open(codebook)
+        self.diverse = diverse
         self._protos = None
 
     def attach(self, model):
@@ -113,6 +120,20 @@ class CodebookMethod(ScoreMethod):
     def score(self, tokens, image):
         v = torch.nn.functional.normalize(tokens.float(), dim=-1)
         return (v @ self._protos.T).max(-1).values
+
+    def reduce(self, tokens, image):
+        if self.keep is None or not self.diverse:
+            return super().reduce(tokens, image)
+        v = torch.nn.functional.normalize(tokens.float(), dim=-1)
+        redundancy = (v @ self._protos.T).max(-1).values
+        chosen = []
+        for _ in range(keep_count(self.keep, len(v))):
+            i = int(torch.argmin(redundancy))
+            chosen.append(i)
+            redundancy = torch.maximum(redundancy, v @ v[i])
+            redundancy[i] = math.inf
+        idx = torch.sort(torch.tensor(chosen, device=tokens.device)).values
+        return tokens[idx], idx
 
 
 class HookedPruner:
