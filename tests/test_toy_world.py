@@ -46,6 +46,8 @@ def test_world_vocabulary_and_answers():
         assert 1 <= len(m["objects"]) <= 3
         assert m["qa"][0]["type"] == "single"
         assert m["answer"] == max(m["objects"], key=lambda o: o["area"])["shape"]
+        areas = sorted((o["area"] for o in m["objects"]), reverse=True)
+        assert len(areas) == 1 or areas[0] >= 1.5 * areas[1]  # the largest object is clearly the largest
         assert all(o["shape"] in SHAPES and o["colour"] in COLOURS for o in m["objects"])
     assert len({m["background"] for m in metas}) >= 3
     assert len({o["shape"] for m in metas for o in m["objects"]}) == len(SHAPES)

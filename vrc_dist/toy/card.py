@@ -24,10 +24,11 @@ nothing about real images.
 - Projector: two-layer GELU MLP. Language model: Llama, hidden {arch['text_hidden']}, {arch['text_layers']} layers.
 - Tokenizer: word level (`PreTrainedTokenizerFast`), pad id 0; chat template `USER: <image>\\n{{question}} ASSISTANT:`.
 - Training: `vrc toy train` (vrc_dist/toy/train.py), {training['steps']} steps in {training['seconds']:.0f} s on a CPU,
-  {training['train_images']} train images, final loss {training['final_loss']:.4f}. Half of the batches
-  drop a random subset of visual tokens (keep counts log-uniform down to one token), so that, like
-  large LLaVA models, it keeps answering when most visual tokens are removed.
-  Config: `training.json`.
+  {training['train_images']} train images, final loss {training['final_loss']:.4f} (the QA stage; the
+  vision tower is pretrained before it on per-patch labels). Many batches drop a random subset of
+  visual tokens that keeps at least one token of every object (keep counts log-uniform down to one
+  token), so that, like large LLaVA models, it keeps answering when most visual tokens are removed;
+  questions about scenes of several objects are oversampled. Config: `training.json`.
 
 ## Held-out accuracy
 

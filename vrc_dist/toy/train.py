@@ -9,9 +9,11 @@ read the image, far beyond a CPU budget of minutes.
 Large LLaVA models keep most of their answers when most visual tokens are dropped (the premise of
 token pruning), and name what a single visual token shows (the paper's Figure 1). A tiny model
 trained only on full grids does neither, and learns to read the image very slowly. So some
-batches drop a random subset of visual tokens (log-uniform keep counts), and some ("focus"
-batches) show only a few tokens that always include the object the question is about. Background
-tokens are never shown alone with a target: how the model treats them is left to emerge.
+batches drop a random subset of visual tokens (log-uniform keep counts) that keeps at least one
+token of every object, and some ("focus" batches) show only a few tokens of the object the
+question is about. Background tokens are never shown alone with a target: how the model treats
+them is left to emerge. Questions about scenes of several objects are oversampled, because
+binding a question to its object is what a small LM learns last.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class TrainConfig:
     shards: str = "out/toy/train"
     out: str = str(TOY_MODEL_DIR)
     vision_steps: int = 1500
-    steps: int = 3000
+    steps: int = 4000
     batch_size: int = 48
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -44,6 +46,10 @@ class TrainConfig:
     full_image_prob: float = 0.5
     focus_prob: float = 0.35  # batches that show only a few tokens, always including the asked-about object
     focus_max_tokens: int = 8
+    # Questions about scenes of several objects need binding (find the object the question names, read
+    # its other attribute), a size comparison (the single-word prompt) or counting. They are sampled this
+    # many times more often: binding emerges late, and only with enough such questions.
+    several_weight: float = 6.0
     seed: int = 0
     max_minutes: float = 60.0
     threads: int = 2
@@ -116,6 +122,16 @@ def _keep_count(rng: np.random.Generator, n_tokens: int, full_prob: float) -> in
     return int(round(math.exp(rng.uniform(0, math.log(n_tokens)))))
 
 
+def _answerable_tokens(rng, keep: int, owner: np.ndarray) -> np.ndarray:
+    """`keep` random token indices that include at least one token of every object.
+
+    A subset that drops the object a question names teaches the model to answer from whichever
+    object is left, which is the opposite of binding the question to its object."""
+    objects = [rng.choice(np.flatnonzero(owner == j)) for j in range(1, owner.max() + 1) if (owner == j).any()]
+    rest = rng.permutation(np.setdiff1d(np.arange(len(owner)), objects))
+    return np.sort(np.concatenate([objects, rest[: max(keep - len(objects), 0)]]).astype(int))
+
+
 def _focus_tokens(rng, keep: int, owner: np.ndarray, target: int) -> np.ndarray:
     """`keep` token indices that always include the object(s) the answer is about, so it stays correct."""
     per_object = [np.flatnonzero(owner == j) for j in ([target] if target else range(1, owner.max() + 1))]
@@ -125,6 +141,12 @@ def _focus_tokens(rng, keep: int, owner: np.ndarray, target: int) -> np.ndarray:
     rest = np.setdiff1d(np.arange(len(owner)), chosen)
     chosen += list(rng.permutation(rest)[: max(keep - len(chosen), 0)])
     return np.sort(np.asarray(chosen[: max(keep, len(per_object))]))
+
+
+def _row_weights(items, several_weight: float) -> np.ndarray:
+    """Sampling probability of each QA row."""
+    weights = np.array([several_weight if owner.max() > 1 else 1.0 for owner in items.owner])
+    return weights / weights.sum()
 
 
 def _batch_loss(model, features, prefix, suffixes, answers, kept: list[np.ndarray]):
@@ -167,6 +189,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
     start, n_tokens, losses = time.time(), spec.n_tokens, []
+    row_p = _row_weights(items, cfg.several_weight)
     for step in range(cfg.steps):
         # Cosine decay over whichever budget runs out first, steps or wall time: on a busy machine
         # the run still ends annealed instead of being cut off at a high learning rate.
@@ -175,13 +198,13 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
             progress(f"budget reached after {step} steps")
             break
         lr = _set_lr(opt, cfg, step, done)
-        pick = rng.integers(len(items.image), size=cfg.batch_size)
+        pick = rng.choice(len(items.image), size=cfg.batch_size, p=row_p)
         if rng.random() < cfg.focus_prob:
             keep = int(rng.integers(1, cfg.focus_max_tokens + 1))
             kept = [_focus_tokens(rng, keep, items.owner[i], items.target[i]) for i in pick]
         else:
             keep = _keep_count(rng, n_tokens, cfg.full_image_prob)
-            kept = [np.sort(rng.choice(n_tokens, size=keep, replace=False)) for _ in pick]
+            kept = [_answerable_tokens(rng, keep, items.owner[i]) for i in pick]
         loss = _batch_loss(
             model,
             features[items.image[pick]],
