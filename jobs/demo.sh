@@ -8,7 +8,7 @@ MODEL="${VRC_DEMO_MODEL:-toy}"  # or a LLaVA checkpoint directory
 mkdir -p "$OUT"
 
 echo "== toy shards"
-# Train-split images the model never saw (it was trained on seed 0), and a held-out eval split.
+# Train-split images the model never saw (it was trained on the train shards of seed 0), and a held-out eval split.
 vrc toy make-shards --out "$OUT/shards/train" --shards 4 --per-shard 25 --seed 1 --split train
 vrc toy make-shards --out "$OUT/shards/eval" --shards 1 --per-shard 60 --seed 100 --split eval
 

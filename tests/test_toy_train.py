@@ -1,8 +1,8 @@
 """The toy trainer's sampling rules (the training run itself is measured by test_toy_model's accuracy)."""
 import numpy as np
 
-from vrc_dist.toy.train import _answerable_tokens, _row_weights
 from vrc_dist.toy.data import EncodedQA
+from vrc_dist.toy.train import _answerable_tokens, _row_weights
 from vrc_dist.toy.world import render
 
 

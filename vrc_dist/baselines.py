@@ -17,7 +17,8 @@ import torch
 
 from vrc_dist.prune import CodebookMethod, Method, ScoreMethod, check_keep, keep_count
 
-METHODS = ("codebook", "codebook-plain", "random", "cls", "fastv", "pool")
+CODEBOOK_METHODS = ("codebook", "codebook-plain")
+METHODS = (*CODEBOOK_METHODS, "random", "cls", "fastv", "pool")
 
 
 class RandomMethod(ScoreMethod):
@@ -93,7 +94,7 @@ class PoolMethod(Method):
 
 def make_method(name: str, keep: float, codebook=None, seed: int = 0, fastv_layer: int = 2) -> Method:
     """The method called `name` at keep ratio `keep` (one harness runs them all)."""
-    if name in ("codebook", "codebook-plain"):
+    if name in CODEBOOK_METHODS:
         if codebook is None:
             raise ValueError(f"the {name} method needs a codebook")
         return CodebookMethod(codebook, keep=keep, diverse=name == "codebook")

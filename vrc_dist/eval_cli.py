@@ -54,6 +54,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _eval(args) -> int:
+    from vrc_dist.baselines import CODEBOOK_METHODS
     from vrc_dist.codebook import Codebook
     from vrc_dist.evaluate import evaluate
     from vrc_dist.toy.data import load_toy_samples
@@ -65,7 +66,7 @@ def _eval(args) -> int:
         samples = samples[: args.limit]
     model, processor = load_checkpoint(args.model)
     codebook = None
-    if any(m.startswith("codebook") for m in methods):
+    if set(methods) & set(CODEBOOK_METHODS):
         codebook = Codebook.open(args.codebook, version=args.codebook_version,
                                  expected_dim=model.config.text_config.hidden_size)
     torch_threads(args.threads)

@@ -124,8 +124,8 @@ class CodebookMethod(ScoreMethod):
     def reduce(self, tokens, image):
         if self.keep is None or not self.diverse:
             return super().reduce(tokens, image)
+        redundancy = self.score(tokens, image)
         v = torch.nn.functional.normalize(tokens.float(), dim=-1)
-        redundancy = (v @ self._protos.T).max(-1).values
         chosen = []
         for _ in range(keep_count(self.keep, len(v))):
             i = int(torch.argmin(redundancy))

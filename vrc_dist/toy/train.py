@@ -122,25 +122,31 @@ def _keep_count(rng: np.random.Generator, n_tokens: int, full_prob: float) -> in
     return int(round(math.exp(rng.uniform(0, math.log(n_tokens)))))
 
 
+def _one_token_each(rng, owner: np.ndarray, objects) -> list[int]:
+    """One random token index of each of `objects` (1-based) that covers any patch."""
+    return [rng.choice(p) for j in objects if len(p := np.flatnonzero(owner == j))]
+
+
+def _top_up(rng, chosen: list[int], candidates: np.ndarray, keep: int) -> list[int]:
+    """`chosen` plus random `candidates` not in it, up to `keep` tokens."""
+    return chosen + list(rng.permutation(np.setdiff1d(candidates, chosen))[: max(keep - len(chosen), 0)])
+
+
 def _answerable_tokens(rng, keep: int, owner: np.ndarray) -> np.ndarray:
     """`keep` random token indices that include at least one token of every object.
 
     A subset that drops the object a question names teaches the model to answer from whichever
     object is left, which is the opposite of binding the question to its object."""
-    objects = [rng.choice(np.flatnonzero(owner == j)) for j in range(1, owner.max() + 1) if (owner == j).any()]
-    rest = rng.permutation(np.setdiff1d(np.arange(len(owner)), objects))
-    return np.sort(np.concatenate([objects, rest[: max(keep - len(objects), 0)]]).astype(int))
+    chosen = _one_token_each(rng, owner, range(1, owner.max() + 1))
+    return np.sort(np.asarray(_top_up(rng, chosen, np.arange(len(owner)), keep), dtype=int))
 
 
 def _focus_tokens(rng, keep: int, owner: np.ndarray, target: int) -> np.ndarray:
-    """`keep` token indices that always include the object(s) the answer is about, so it stays correct."""
-    per_object = [np.flatnonzero(owner == j) for j in ([target] if target else range(1, owner.max() + 1))]
-    chosen = [rng.choice(p) for p in per_object if len(p)]
-    pool = np.setdiff1d(np.concatenate(per_object), chosen)
-    chosen += list(rng.permutation(pool)[: max(keep - len(chosen), 0)])
-    rest = np.setdiff1d(np.arange(len(owner)), chosen)
-    chosen += list(rng.permutation(rest)[: max(keep - len(chosen), 0)])
-    return np.sort(np.asarray(chosen[: max(keep, len(per_object))]))
+    """`keep` token indices that always include the object(s) the answer is about, so it stays correct:
+    one token of each, then more of theirs, then any others."""
+    objects = [target] if target else range(1, owner.max() + 1)
+    chosen = _top_up(rng, _one_token_each(rng, owner, objects), np.flatnonzero(np.isin(owner, objects)), keep)
+    return np.sort(np.asarray(_top_up(rng, chosen, np.arange(len(owner)), keep), dtype=int))
 
 
 def _row_weights(items, several_weight: float) -> np.ndarray:
