@@ -110,50 +110,71 @@ def test_keep_ratio_counts_and_original_order(llava, codebook, features):
     assert torch.allclose(seen[0][0, -(5 + after):-after], features[0][expected])
 
 
-def _diverse_reference(tokens: np.ndarray, protos: np.ndarray, k: int) -> list[int]:
-    """The diversity rule from scratch: each step, among unchosen tokens, the one whose highest cosine
-    to any prototype or any token chosen so far is lowest (first index on ties)."""
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
-    v, p = unit(tokens.astype(np.float64)), unit(protos.astype(np.float64))
-    chosen = []
-    for _ in range(k):
-        redundancy = [max((p @ v[i]).max(), max((v[c] @ v[i] for c in chosen), default=-1.0))
-                      if i not in chosen else np.inf for i in range(len(v))]
-        chosen.append(int(np.argmin(redundancy)))
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _cover_spread_reference(tokens: np.ndarray, protos: np.ndarray, k: int, group_sim: float = 0.9) -> list[int]:
+    """The keep rule from scratch in float64 loops (first index on ties): cover each distinct group
+    with its medoid, least redundant group first; then the grid token farthest from all kept."""
+    v, p, n = _unit(tokens.astype(np.float64)), _unit(protos.astype(np.float64)), len(tokens)
+    redundancy = [(p @ v[i]).max() for i in range(n)]
+    covered = [r > group_sim for r in redundancy]
+    chosen = [int(np.argmin(redundancy))] if all(covered) else []
+    while len(chosen) < k and not all(covered):
+        first = min((i for i in range(n) if not covered[i]), key=lambda i: redundancy[i])
+        group = [j for j in range(n) if not covered[j] and v[first] @ v[j] > group_sim]
+        medoid = max(group, key=lambda j: sum(v[j] @ v[g] for g in group))
+        chosen.append(medoid)
+        covered = [c or v[medoid] @ v[j] > group_sim for j, c in enumerate(covered)]
+    side = int(np.sqrt(n))
+    xy = [divmod(i, side) if side * side == n else (0, i) for i in range(n)]
+    while len(chosen) < k:
+        def distance(i):
+            return min((xy[i][0] - xy[c][0]) ** 2 + (xy[i][1] - xy[c][1]) ** 2 for c in chosen)
+        chosen.append(max((i for i in range(n) if i not in chosen), key=distance))
     return sorted(chosen)
 
 
+@pytest.mark.parametrize("n", [36, 30])  # a square grid, and a layout that is not one (multi-crop)
 @pytest.mark.parametrize("keep", [0.04, 0.2, 0.5, 0.8, 1.0])
-def test_diverse_keep_equals_the_from_scratch_reference(llava, tmp_path, keep):
+def test_codebook_keep_equals_the_from_scratch_reference(llava, tmp_path, keep, n):
     model, _ = llava
     d = model.config.text_config.hidden_size
     rng = np.random.default_rng(1)
-    protos = rng.normal(size=(6, d))
-    # Tokens near prototypes, near each other (groups of a few), and unlike anything, mixed.
-    groups = rng.normal(size=(5, d))
-    tokens = np.concatenate([protos[rng.integers(6, size=10)] + 0.5 * rng.normal(size=(10, d)),
-                             groups[rng.integers(5, size=15)] + 0.5 * rng.normal(size=(15, d)),
-                             rng.normal(size=(5, d))])[rng.permutation(30)]
+    protos, groups = rng.normal(size=(6, d)), rng.normal(size=(5, d))
+    # Near-copies of prototypes (redundant), groups of alike tokens with uneven spread (so the medoid
+    # is not the first token found), and tokens unlike anything, mixed.
+    spread = rng.choice([0.05, 0.15, 0.25], size=(n // 2, 1))
+    tokens = np.concatenate([protos[rng.integers(6, size=n // 3)] + 0.05 * rng.normal(size=(n // 3, d)),
+                             groups[rng.integers(5, size=n // 2)] + spread * rng.normal(size=(n // 2, d)),
+                             rng.normal(size=(n - n // 3 - n // 2, d))])[rng.permutation(n)]
     method = make_method("codebook", keep, codebook=make_codebook(tmp_path / "cb", protos))
     method.attach(model)
     _, idx = method.reduce(torch.from_numpy(tokens).float(), 0)
-    assert idx.tolist() == _diverse_reference(tokens, protos, keep_count(keep, 30))
+    assert idx.tolist() == _cover_spread_reference(tokens, protos, keep_count(keep, n))
 
 
-def test_diverse_keep_spreads_over_near_duplicates(llava, tmp_path):
+def test_codebook_keep_covers_each_object_once_then_spreads(llava, tmp_path):
     model, _ = llava
     d = model.config.text_config.hidden_size
     rng = np.random.default_rng(0)
     background, big, small = (rng.normal(size=d) for _ in range(3))
-    # Ten near-copies of one large object, slightly less like the background than one small object's token.
-    tokens = np.stack([big + 0.01 * rng.normal(size=d) for _ in range(10)] + [small + 0.3 * background])
-    method = make_method("codebook", 2 / 11, codebook=make_codebook(tmp_path / "cb", background[None]))
-    method.attach(model)
-    plain = make_method("codebook-plain", 2 / 11, codebook=method.codebook)
-    plain.attach(model)
-    t = torch.from_numpy(tokens).float()
-    assert plain.reduce(t, 0)[1].tolist() != [0, 10] and 10 not in plain.reduce(t, 0)[1].tolist()
-    assert 10 in method.reduce(t, 0)[1].tolist()
+    # A 4x4 grid: background everywhere, a large object on the top-left 3x3 (its edge patches a little
+    # different, as after a vision tower), a small one at the bottom right.
+    tokens = np.stack([background + 0.02 * rng.normal(size=d) for _ in range(16)])
+    for i in (0, 1, 2, 4, 5, 6, 8, 9, 10):
+        tokens[i] = big + (0.02 if i == 5 else 0.2) * rng.normal(size=d)
+    tokens[15] = small
+    codebook = make_codebook(tmp_path / "cb", background[None])
+    kept = {}
+    for name in ("codebook", "codebook-plain"):
+        method = make_method(name, 4 / 16, codebook=codebook)
+        method.attach(model)
+        kept[name] = method.reduce(torch.from_numpy(tokens).float(), 0)[1].tolist()
+    assert 15 not in kept["codebook-plain"]  # the plain rule spends all four on the large object
+    # One token each (the large object's most typical, its centre), then the background farthest away.
+    assert kept["codebook"] == [3, 5, 12, 15]
 
 
 def test_keep_count():

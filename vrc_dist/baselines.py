@@ -6,7 +6,7 @@
   (SigLIP, OneVision) use the attention each patch receives from all queries, as VisionZip does.
 - pool: average-pool the patch grid down to about the kept count (a h' x w' grid, h' = floor(sqrt(n))).
 - fastv: FastV (vrc_dist.fastv), prunes inside the LLM after layer K by the last token's attention.
-(codebook-plain is the codebook's lowest-similarity tokens without the diversity rule, for comparison.)
+(codebook-plain is the codebook's lowest-similarity tokens, without covering each group once, for comparison.)
 All but fastv run through the same pruner as the codebook (vrc_dist.prune.InputPruner).
 """
 from __future__ import annotations
@@ -92,12 +92,13 @@ class PoolMethod(Method):
         return pooled.reshape(tokens.shape[1], h * w).T, None
 
 
-def make_method(name: str, keep: float, codebook=None, seed: int = 0, fastv_layer: int = 2) -> Method:
+def make_method(name: str, keep: float, codebook=None, seed: int = 0, fastv_layer: int = 2,
+                group_sim: float = 0.9) -> Method:
     """The method called `name` at keep ratio `keep` (one harness runs them all)."""
     if name in CODEBOOK_METHODS:
         if codebook is None:
             raise ValueError(f"the {name} method needs a codebook")
-        return CodebookMethod(codebook, keep=keep, diverse=name == "codebook")
+        return CodebookMethod(codebook, keep=keep, diverse=name == "codebook", group_sim=group_sim)
     if name == "random":
         return RandomMethod(keep, seed)
     if name == "cls":

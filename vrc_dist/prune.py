@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 
@@ -82,30 +83,66 @@ class ScoreMethod(Method):
         raise NotImplementedError
 
     def reduce(self, tokens, image):
-        s = self.score(tokens, image)
         if self.threshold is not None:
+            s = self.score(tokens, image)
             # At least the least redundant token survives, so no image vanishes from the prompt.
             idx = (s < self.threshold).nonzero().flatten() if (s < self.threshold).any() else s.argmin()[None]
+        elif (k := keep_count(self.keep, len(tokens))) == len(tokens):
+            idx = torch.arange(len(tokens), device=tokens.device)  # nothing to remove: no scoring either
         else:
-            idx = torch.sort(torch.argsort(s, stable=True)[: keep_count(self.keep, len(s))]).values
+            idx = self.choose(tokens, image, k)
         return tokens[idx], idx
+
+    def choose(self, tokens: torch.Tensor, image: int, k: int) -> torch.Tensor:
+        """Indices of the k tokens kept, ascending: by default the k lowest scores."""
+        return torch.sort(torch.argsort(self.score(tokens, image), stable=True)[:k]).values
+
+
+@lru_cache(maxsize=16)
+def grid_distances(n: int) -> torch.Tensor:
+    """[n, n] squared distances between n tokens in raster order: on a square grid, or along one row
+    if n is not square (multi-crop NeXT / OneVision images, whose crops are not one grid)."""
+    side = math.isqrt(n)
+    i = torch.arange(n)
+    xy = torch.stack([i // side, i % side], -1) if side * side == n else torch.stack([i * 0, i], -1)
+    return ((xy[:, None] - xy[None]) ** 2).sum(-1)
+
+
+def spread(chosen: list[int], need: int, n: int) -> list[int]:
+    """`need` more of n token indices, each the farthest on the grid from every one kept so far (first
+    on ties). A kept token is at distance 0 from itself, so it is never picked again."""
+    distances = grid_distances(n)
+    far = distances[chosen].min(0).values
+    picked = []
+    for _ in range(need):
+        picked.append(int(torch.argmax(far)))
+        far = torch.minimum(far, distances[picked[-1]])
+    return picked
 
 
 class CodebookMethod(ScoreMethod):
     """s(v) = max cosine similarity to the codebook's redundant prototypes; high s = redundant.
 
-    By keep ratio with `diverse` (the default), tokens are kept greedily, least redundant first, and
-    each kept token joins the redundancy set: a token that nearly copies one already kept adds no
-    more than a token that matches a prototype. Without it, a fixed budget can go entirely to the
-    many near-identical patches of one large object and miss the others."""
+    By keep ratio with `diverse` (the default), the budget first covers each distinct kind of content
+    once, then spreads over the image:
+    1. cover: a token within `group_sim` of a prototype is redundant. Among the others, the least
+       redundant opens a group, the others within `group_sim` of it (after the vision tower the patches
+       of one object look alike). The group's medoid, its most typical token, is kept, and everything
+       within `group_sim` of it becomes redundant too. Repeat until the budget or the content runs out.
+    2. spread: budget left over goes to the tokens farthest on the patch grid from those kept.
+    Why: the lowest-similarity tokens alone (`diverse=False`) are the many near-identical patches of
+    one large object, and a budget spent on the most unusual patches of objects already covered (their
+    edges) shows the LM fragments it reads as extra objects; background context where nothing is
+    does not."""
 
     name = "codebook"
 
     def __init__(self, codebook: Codebook | str, keep: float | None = None, threshold: float | None = None,
-                 diverse: bool = True):
+                 diverse: bool = True, group_sim: float = 0.9):
         super().__init__(keep, threshold)
         self.codebook = codebook if isinstance(codebook, Codebook) else Codebook.open(codebook)
         self.diverse = diverse
+        self.group_sim = group_sim
         self._protos = None
 
     def attach(self, model):
@@ -121,19 +158,24 @@ class CodebookMethod(ScoreMethod):
         v = torch.nn.functional.normalize(tokens.float(), dim=-1)
         return (v @ self._protos.T).max(-1).values
 
-    def reduce(self, tokens, image):
-        if self.keep is None or not self.diverse:
-            return super().reduce(tokens, image)
+    def choose(self, tokens, image, k):
+        if not self.diverse:
+            return super().choose(tokens, image, k)
         redundancy = self.score(tokens, image)
         v = torch.nn.functional.normalize(tokens.float(), dim=-1)
+        similar = (v @ v.T) > self.group_sim
+        covered = redundancy > self.group_sim
         chosen = []
-        for _ in range(keep_count(self.keep, len(v))):
-            i = int(torch.argmin(redundancy))
-            chosen.append(i)
-            redundancy = torch.maximum(redundancy, v @ v[i])
-            redundancy[i] = math.inf
-        idx = torch.sort(torch.tensor(chosen, device=tokens.device)).values
-        return tokens[idx], idx
+        if covered.all():  # nothing distinct: the least redundant token anchors the spread
+            chosen.append(int(torch.argmin(redundancy)))
+        while len(chosen) < k and not covered.all():
+            first = int(torch.argmin(torch.where(covered, math.inf, redundancy)))
+            group = similar[first] & ~covered
+            typicality = (v @ v[group].T).sum(-1)
+            medoid = int(torch.argmax(torch.where(group, typicality, -math.inf)))
+            chosen.append(medoid)
+            covered |= similar[medoid]
+        return torch.tensor(sorted(chosen + spread(chosen, k - len(chosen), len(v))), device=tokens.device)
 
 
 class HookedPruner:
@@ -238,13 +280,13 @@ class InputPruner(HookedPruner):
 
 @contextmanager
 def prune_visual_tokens(model, codebook: Codebook | str | None = None, *, keep: float | None = None,
-                        threshold: float | None = None, method=None):
+                        threshold: float | None = None, group_sim: float = 0.9, method=None):
     """Prune visual tokens of `model` inside the block: by codebook (keep ratio or similarity threshold),
     or by another `method` (see vrc_dist.baselines). Yields the pruner; `.kept` lists tokens kept per image."""
     if method is None:
         if codebook is None:
             raise ValueError("give a codebook (with keep= or threshold=) or a method")
-        method = CodebookMethod(codebook, keep=keep, threshold=threshold)
+        method = CodebookMethod(codebook, keep=keep, threshold=threshold, group_sim=group_sim)
     elif codebook is not None or keep is not None or threshold is not None:
         raise ValueError("a method carries its own settings: give either method= or codebook/keep/threshold")
     pruner = method.pruner(model) if hasattr(method, "pruner") else InputPruner(model, method)

@@ -117,20 +117,24 @@ def read_pixels(shard_paths: list[str], keys: set[str]) -> dict[str, np.ndarray]
 
 
 def pruned_masks(model_id: str, codebook, pixels: dict[str, np.ndarray], keep: float) -> dict[str, np.ndarray]:
-    """Which tokens codebook pruning at `keep` removes from each image (the run's model computes the tokens)."""
+    """Which tokens codebook pruning at `keep` removes from each image (the run's model computes the tokens,
+    `vrc_dist.prune.CodebookMethod` chooses them, as at inference)."""
+    import torch
     from PIL import Image
 
     from vrc_dist.model import load_llava
-    from vrc_dist.prune import keep_count
+    from vrc_dist.prune import CodebookMethod
 
     adapter = load_llava(model_id, device="cpu", dtype="float32")
+    method = CodebookMethod(codebook, keep=keep)
+    method.attach(adapter.model)
     masks = {}
-    for key, arr in pixels.items():
-        tokens = adapter.encode_image(Image.fromarray(arr)).tokens.detach().float().numpy()
-        s = codebook.max_similarity(tokens)
-        pruned = np.ones(len(s), bool)
-        pruned[np.argsort(s, kind="stable")[: keep_count(keep, len(s))]] = False
-        masks[key] = pruned
+    with torch.no_grad():
+        for key, arr in pixels.items():
+            tokens = adapter.encode_image(Image.fromarray(arr)).tokens.float()
+            pruned = np.ones(len(tokens), bool)
+            pruned[method.reduce(tokens, 0)[1].numpy()] = False
+            masks[key] = pruned
     return masks
 
 
