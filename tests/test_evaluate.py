@@ -16,8 +16,6 @@ from vrc_dist.toy import TOY_MODEL_DIR
 from vrc_dist.toy.data import load_shard_samples
 from vrc_dist.toy.write_shards import make_shards
 
-KEEPS = [1.0, 0.25, 0.111, 0.056]
-
 
 def tiny_codebook(path, dim=48, n=6):
     ints = pa.array(np.zeros(n, np.int32))
@@ -55,6 +53,7 @@ def test_eval_cli_writes_table_csv_and_plot(tmp_path):
         mine = [r for r in rows if r["method"] == m]
         assert [float(r["kept_tokens"]) for r in mine] == [25, 12 if m == "pool" else 13, 5 if m != "pool" else 4]
         assert float(mine[0]["prefill_gflops"]) > float(mine[1]["prefill_gflops"]) > float(mine[2]["prefill_gflops"])
+        assert all(0 < float(r["select_ms"]) < float(r["llm_prefill_ms"]) for r in mine)  # a part of the LLM time
     assert (out / "accuracy_vs_kept.png").stat().st_size > 1000
     assert "| codebook | 1 | 25 |" in (out / "results.md").read_text()
     questions = sum(len(s["meta"]["qa"]) for s in load_shard_samples(sorted(shards.glob("*.tar"))))
@@ -75,19 +74,20 @@ def test_eval_cli_dim_mismatch_and_bad_keep(tmp_path, capsys):
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "config.json").exists() or not (resolve_path("toy") / "manifest.json").exists(),
                     reason="needs the trained toy checkpoint and the toy codebook")
 def test_codebook_pruning_holds_accuracy_on_the_toy_eval_split(tmp_path):
-    """The issue's claim on a modest held-out split (eval seed 100, never used for training or the codebook)."""
+    """The issue's claim on 200 held-out images (eval seed 100, never used for training or the codebook):
+    large enough that the margins below are tens of questions, not one float rounding away."""
     from vrc_dist.toy.evaluate import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
-    samples = load_shard_samples(make_shards(tmp_path, 1, 60, seed=100, split="eval"))
+    samples = load_shard_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval"))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
-    rows = evaluate(model, processor, samples, ["codebook", "codebook-plain", "random", "cls", "pool"], KEEPS,
-                    codebook=codebook, repeats=1)
+    unpruned = evaluate(model, processor, samples, ["random"], [1.0], repeats=1)[0]
+    baselines = ["codebook-plain", "random", "cls", "pool", "fastv"]  # FastV at its paper's K=2
+    rows = evaluate(model, processor, samples, ["codebook", *baselines], [0.111, 0.056], codebook=codebook,
+                    repeats=1)
     acc = {(r["method"], r["keep"]): r["accuracy"] for r in rows}
-    assert rows[0]["questions"] >= 300
-    assert acc["codebook", 0.111] >= 0.9 * acc["codebook", 1.0]  # measured 0.99
+    assert unpruned["questions"] >= 300
+    assert acc["codebook", 0.111] >= 0.9 * unpruned["accuracy"]  # measured 1.00
     for keep in (0.111, 0.056):
-        # Measured 0.813 / 0.789 against at most 0.791 / 0.701 for these baselines and 0.714 / 0.692 without
-        # the diversity rule. FastV at K=2 (0.819 / 0.821) prunes only the last of the toy LM's three
-        # layers at ~3x the prefill FLOPs; it is left out here and reported in the README's table.
-        assert acc["codebook", keep] >= max(acc[m, keep] for m in ("random", "cls", "pool", "codebook-plain"))
+        # Measured on these 200 images (1,186 questions): 0.818 / 0.821, against at most 0.799 / 0.800 (FastV).
+        assert acc["codebook", keep] >= max(acc[m, keep] for m in baselines)

@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+# Options that change the numbers, with their defaults: the table's command names them when not default.
+NUMBER_OPTIONS = {"limit": 0, "fastv_layer": 2, "group_sim": 0.9}
 COLUMNS = ["method", "keep", "kept_tokens", "accuracy", "relative", "acc_single", "acc_shape", "acc_colour",
-           "acc_count", "acc_position", "prefill_gflops", "llm_prefill_ms", "forward_ms", "questions"]
+           "acc_count", "acc_position", "prefill_gflops", "llm_prefill_ms", "select_ms", "forward_ms", "questions"]
 
 
 def _fmt(v) -> str:
@@ -36,7 +38,10 @@ def write_plot(rows: list[dict], out: Path) -> None:
         pts = sorted((r["kept_tokens"], r["accuracy"]) for r in rows if r["method"] == method)
         ax.plot(*zip(*pts), marker="o", label=method)
     ax.set_xscale("log")
-    ticks = sorted({r["kept_tokens"] for r in rows})
+    ticks = []
+    for t in sorted({r["kept_tokens"] for r in rows}):
+        if not ticks or t > 1.15 * ticks[-1]:  # labels of near-equal counts (pool's 30 vs 32) would overlap
+            ticks.append(t)
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
     ax.set_xlabel("visual tokens kept per image (log scale)")
@@ -73,16 +78,22 @@ def _eval(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = evaluate(model, processor, samples, methods, _floats(args.keep), codebook=codebook,
-                    batch_size=args.batch_size, seed=args.seed, fastv_layer=args.fastv_layer, repeats=args.repeats,
+                    batch_size=args.batch_size, seed=args.seed, fastv_layer=args.fastv_layer, group_sim=args.group_sim,
+                    repeats=args.repeats,
                     progress=lambda r: print(f"{r['method']:>9} keep {r['keep']:<6} acc {r['accuracy']:.3f} "
                                              f"kept {r['kept_tokens']:.1f}", file=sys.stderr))
     cb = "" if codebook is None else f", codebook {codebook.path} v{codebook.version:04d} ({len(codebook.vectors)} prototypes)"
+    command = (f"vrc eval --model {args.model} --codebook {args.codebook} --shards {args.shards} --keep {args.keep} "
+               f"--methods {args.methods} --out {args.out}")
+    for flag in NUMBER_OPTIONS:
+        if getattr(args, flag) != NUMBER_OPTIONS[flag]:
+            command += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
     header = (f"# Pruning on the toy eval split\n\nmodel `{args.model}`{cb}; shards `{args.shards}` "
               f"({len(samples)} images, {rows[0]['questions']} questions); FastV K={args.fastv_layer}; "
-              f"command: `vrc eval --model {args.model} --codebook {args.codebook} --shards {args.shards} "
-              f"--keep {args.keep} --methods {args.methods} --out {args.out}`\n\n"
+              f"codebook group_sim {args.group_sim}; command: `{command}`\n\n"
               "relative = accuracy / unpruned accuracy; prefill_gflops: language model, analytic "
-              "(see vrc_dist/evaluate.py); times are per question, batch " + str(args.batch_size)
+              "(see vrc_dist/evaluate.py); llm_prefill_ms includes select_ms, the pruner's own work before "
+              "the first layer; times are per question, batch " + str(args.batch_size)
               + f", fastest of {args.repeats} runs.")
     write_table(rows, out, header)
     write_plot(rows, out)
@@ -118,9 +129,11 @@ def register(sub) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
-    p.add_argument("--fastv-layer", type=int, default=2, help="FastV's K")
+    p.add_argument("--fastv-layer", type=int, default=NUMBER_OPTIONS["fastv_layer"], help="FastV's K")
+    p.add_argument("--group-sim", type=float, default=NUMBER_OPTIONS["group_sim"],
+                   help="codebook keep rule: cosine above which two tokens (or a token and a prototype) are alike")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch; the fastest counts")
-    p.add_argument("--limit", type=int, default=0, help="use only the first N images")
+    p.add_argument("--limit", type=int, default=NUMBER_OPTIONS["limit"], help="use only the first N images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.set_defaults(func=_eval)
 

@@ -62,17 +62,26 @@ def build_batches(processor, samples: list[dict], batch_size: int) -> list[Batch
 
 
 class _Timer:
-    """Seconds spent inside a module's last forward (hooks, so the method under test is untouched)."""
+    """Seconds spent inside a module's last forward (hooks, so the method under test is untouched), and
+    of those, the seconds spent in the pre-hooks registered between this timer and `mark()`."""
 
     def __init__(self, module):
-        self.seconds, self._start = 0.0, None
+        self.module, self.seconds, self.before_mark, self._start = module, 0.0, 0.0, None
         self._handles = [module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._exit)]
 
     def _enter(self, *_):
         self._start = time.perf_counter()
 
+    def _mark(self, *_):
+        self.before_mark = time.perf_counter() - self._start
+
     def _exit(self, *_):
         self.seconds = time.perf_counter() - self._start
+
+    def mark(self):
+        """A pre-hook that runs after every pre-hook registered so far; returns its handle."""
+        self.before_mark = 0.0
+        return self.module.register_forward_pre_hook(self._mark)
 
     def remove(self):
         for h in self._handles:
@@ -84,23 +93,28 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
     """Accuracy per question type, mean tokens kept per image, prefill FLOPs and seconds per question.
 
     Each batch runs `repeats` times and the fastest time counts: on a shared machine the minimum is
-    the least disturbed measurement. The LLM time includes the pruner's own work (scoring, repacking).
+    the least disturbed measurement. The LLM time includes the pruner's own work (scoring, choosing,
+    repacking), which is also reported alone as `select_ms` (FastV's ranking runs inside layer K, so
+    its select_ms is only the bookkeeping before layer 0).
     """
     cfg = model.config.text_config
     first_pruned = getattr(method, "layer", 0)  # FastV prunes after layer K; the rest before layer 0
     counts = defaultdict(lambda: [0, 0])
-    kept, total, flops, llm_s, forward_s = [], [], 0.0, 0.0, 0.0
+    kept, total, flops, llm_s, forward_s, select_s = [], [], 0.0, 0.0, 0.0, 0.0
     timer = _Timer(model.model.language_model)
     try:
         for batch in batches:
             times = []
             for _ in range(repeats):
                 with prune_visual_tokens(model, method=method) as pruner:
+                    mark = timer.mark()  # after the pruner's hook
                     start = time.perf_counter()
                     logits = model(**batch.inputs, logits_to_keep=1).logits[:, -1]
-                    times.append((time.perf_counter() - start, timer.seconds))
+                    times.append((time.perf_counter() - start, timer.seconds, timer.before_mark))
+                    mark.remove()
             forward_s += min(t[0] for t in times)
             llm_s += min(t[1] for t in times)
+            select_s += min(t[2] for t in times)
             for qtype, ok in zip(batch.qtypes, (logits.argmax(-1) == batch.answers).tolist()):
                 counts[qtype][0] += ok
                 counts[qtype][1] += 1
@@ -120,6 +134,7 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
         "prefill_gflops": flops / n_questions / 1e9,
         "llm_prefill_ms": 1e3 * llm_s / n_questions,
         "forward_ms": 1e3 * forward_s / n_questions,
+        "select_ms": 1e3 * select_s / n_questions,
     }
     for qtype in QUESTION_TYPES:
         if qtype in counts:
@@ -128,13 +143,14 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
 
 
 def evaluate(model, processor, samples, methods, keeps, codebook=None, batch_size: int = 64, seed: int = 0,
-             fastv_layer: int = 2, repeats: int = 3, progress=None) -> list[dict]:
+             fastv_layer: int = 2, group_sim: float = 0.9, repeats: int = 3, progress=None) -> list[dict]:
     """One row per (method, keep); `relative` is accuracy over the unpruned accuracy."""
     batches = build_batches(processor, samples, batch_size)
     rows = []
     for name in methods:
         for keep in keeps:
-            method = make_method(name, keep, codebook=codebook, seed=seed, fastv_layer=fastv_layer)
+            method = make_method(name, keep, codebook=codebook, seed=seed, fastv_layer=fastv_layer,
+                                 group_sim=group_sim)
             row = {"method": name, "keep": keep, **run_method(model, batches, method, repeats)}
             rows.append(row)
             if progress:
