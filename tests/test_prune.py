@@ -119,12 +119,11 @@ def _cover_spread_reference(tokens: np.ndarray, protos: np.ndarray, k: int, grou
     with its medoid, least redundant group first; then the grid token farthest from all kept."""
     v, p, n = _unit(tokens.astype(np.float64)), _unit(protos.astype(np.float64)), len(tokens)
     redundancy = [(p @ v[i]).max() for i in range(n)]
-    covered = [r > group_sim for r in redundancy]
-    chosen = [int(np.argmin(redundancy))] if all(covered) else []
+    covered, chosen = [False] * n, []
     while len(chosen) < k and not all(covered):
         first = min((i for i in range(n) if not covered[i]), key=lambda i: redundancy[i])
         group = [j for j in range(n) if not covered[j] and v[first] @ v[j] > group_sim]
-        medoid = max(group, key=lambda j: sum(v[j] @ v[g] for g in group))
+        medoid = max(group, key=lambda j: sum(1.0 if g == j else v[j] @ v[g] for g in group))
         chosen.append(medoid)
         covered = [c or v[medoid] @ v[j] > group_sim for j, c in enumerate(covered)]
     side = int(np.sqrt(n))
@@ -173,8 +172,9 @@ def test_codebook_keep_covers_each_object_once_then_spreads(llava, tmp_path):
         method.attach(model)
         kept[name] = method.reduce(torch.from_numpy(tokens).float(), 0)[1].tolist()
     assert 15 not in kept["codebook-plain"]  # the plain rule spends all four on the large object
-    # One token each (the large object's most typical, its centre), then the background farthest away.
-    assert kept["codebook"] == [3, 5, 12, 15]
+    # One token per object (the large one's most typical: its centre, 5), one of the background (its
+    # most typical, 7), then the grid token farthest from those three (12).
+    assert kept["codebook"] == [5, 7, 12, 15]
 
 
 def test_keep_count():

@@ -123,17 +123,17 @@ def spread(chosen: list[int], need: int, n: int) -> list[int]:
 class CodebookMethod(ScoreMethod):
     """s(v) = max cosine similarity to the codebook's redundant prototypes; high s = redundant.
 
-    By keep ratio with `diverse` (the default), the budget first covers each distinct kind of content
-    once, then spreads over the image:
-    1. cover: a token within `group_sim` of a prototype is redundant. Among the others, the least
-       redundant opens a group, the others within `group_sim` of it (after the vision tower the patches
-       of one object look alike). The group's medoid, its most typical token, is kept, and everything
-       within `group_sim` of it becomes redundant too. Repeat until the budget or the content runs out.
+    By keep ratio with `diverse` (the default), the budget covers each distinct kind of content once,
+    least redundant first, then spreads over the image:
+    1. cover: the least redundant token not yet covered opens a group, the uncovered tokens within
+       cosine `group_sim` of it (after the vision tower the patches of one object look alike). The
+       group's medoid, its most typical token, is kept, and every token within `group_sim` of the
+       medoid is covered. Repeat until the budget runs out or every token is covered.
     2. spread: budget left over goes to the tokens farthest on the patch grid from those kept.
     Why: the lowest-similarity tokens alone (`diverse=False`) are the many near-identical patches of
     one large object, and a budget spent on the most unusual patches of objects already covered (their
-    edges) shows the LM fragments it reads as extra objects; background context where nothing is
-    does not."""
+    edges) shows the LM fragments it reads as extra objects. The codebook orders the groups but does
+    not decide coverage: a codebook with a few object prototypes would otherwise hide whole objects."""
 
     name = "codebook"
 
@@ -163,15 +163,16 @@ class CodebookMethod(ScoreMethod):
             return super().choose(tokens, image, k)
         redundancy = self.score(tokens, image)
         v = torch.nn.functional.normalize(tokens.float(), dim=-1)
-        similar = (v @ v.T) > self.group_sim
-        covered = redundancy > self.group_sim
+        sim = v @ v.T
+        sim = (sim + sim.T) / 2  # exactly symmetric with a unit diagonal: a pair's medoid is a true tie
+        sim.fill_diagonal_(1.0)
+        similar = sim > self.group_sim
+        covered = torch.zeros_like(similar[0])
         chosen = []
-        if covered.all():  # nothing distinct: the least redundant token anchors the spread
-            chosen.append(int(torch.argmin(redundancy)))
         while len(chosen) < k and not covered.all():
             first = int(torch.argmin(torch.where(covered, math.inf, redundancy)))
             group = similar[first] & ~covered
-            typicality = (v @ v[group].T).sum(-1)
+            typicality = sim[:, group].sum(-1)
             medoid = int(torch.argmax(torch.where(group, typicality, -math.inf)))
             chosen.append(medoid)
             covered |= similar[medoid]
