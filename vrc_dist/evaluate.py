@@ -108,10 +108,12 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
             for _ in range(repeats):
                 with prune_visual_tokens(model, method=method) as pruner:
                     mark = timer.mark()  # after the pruner's hook
-                    start = time.perf_counter()
-                    logits = model(**batch.inputs, logits_to_keep=1).logits[:, -1]
-                    times.append((time.perf_counter() - start, timer.seconds, timer.before_mark))
-                    mark.remove()
+                    try:
+                        start = time.perf_counter()
+                        logits = model(**batch.inputs, logits_to_keep=1).logits[:, -1]
+                        times.append((time.perf_counter() - start, timer.seconds, timer.before_mark))
+                    finally:
+                        mark.remove()
             forward_s += min(t[0] for t in times)
             llm_s += min(t[1] for t in times)
             select_s += min(t[2] for t in times)
