@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from vrc_dist.prune import CodebookMethod, Method, ScoreMethod, check_keep, keep_count
+from vrc_dist.prune import GROUP_SIM, CodebookMethod, Method, ScoreMethod, check_keep, keep_count
 
 CODEBOOK_METHODS = ("codebook", "codebook-plain")
 METHODS = (*CODEBOOK_METHODS, "random", "cls", "fastv", "pool")
@@ -93,7 +93,7 @@ class PoolMethod(Method):
 
 
 def make_method(name: str, keep: float, codebook=None, seed: int = 0, fastv_layer: int = 2,
-                group_sim: float = 0.9) -> Method:
+                group_sim: float = GROUP_SIM) -> Method:
     """The method called `name` at keep ratio `keep` (one harness runs them all)."""
     if name in CODEBOOK_METHODS:
         if codebook is None:

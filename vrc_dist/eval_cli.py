@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 # Options that change the numbers, with their defaults: the table's command names them when not default.
-NUMBER_OPTIONS = {"limit": 0, "fastv_layer": 2, "group_sim": 0.9}
+NUMBER_OPTIONS = {"limit": 0, "fastv_layer": 2, "group_sim": None}
 COLUMNS = ["method", "keep", "kept_tokens", "accuracy", "relative", "acc_single", "acc_shape", "acc_colour",
            "acc_count", "acc_position", "prefill_gflops", "llm_prefill_ms", "select_ms", "forward_ms", "questions"]
 
@@ -62,6 +62,7 @@ def _eval(args) -> int:
     from vrc_dist.baselines import CODEBOOK_METHODS
     from vrc_dist.codebook import Codebook
     from vrc_dist.evaluate import evaluate
+    from vrc_dist.prune import GROUP_SIM
     from vrc_dist.toy.data import load_toy_samples
     from vrc_dist.toy.evaluate import load_checkpoint
 
@@ -74,11 +75,12 @@ def _eval(args) -> int:
     if set(methods) & set(CODEBOOK_METHODS):
         codebook = Codebook.open(args.codebook, version=args.codebook_version,
                                  expected_dim=model.config.text_config.hidden_size)
+    group_sim = GROUP_SIM if args.group_sim is None else args.group_sim
     torch_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = evaluate(model, processor, samples, methods, _floats(args.keep), codebook=codebook,
-                    batch_size=args.batch_size, seed=args.seed, fastv_layer=args.fastv_layer, group_sim=args.group_sim,
+                    batch_size=args.batch_size, seed=args.seed, fastv_layer=args.fastv_layer, group_sim=group_sim,
                     repeats=args.repeats,
                     progress=lambda r: print(f"{r['method']:>9} keep {r['keep']:<6} acc {r['accuracy']:.3f} "
                                              f"kept {r['kept_tokens']:.1f}", file=sys.stderr))
@@ -90,7 +92,7 @@ def _eval(args) -> int:
             command += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
     header = (f"# Pruning on the toy eval split\n\nmodel `{args.model}`{cb}; shards `{args.shards}` "
               f"({len(samples)} images, {rows[0]['questions']} questions); FastV K={args.fastv_layer}; "
-              f"codebook group_sim {args.group_sim}; command: `{command}`\n\n"
+              f"codebook group_sim {group_sim}; command: `{command}`\n\n"
               "relative = accuracy / unpruned accuracy; prefill_gflops: language model, analytic "
               "(see vrc_dist/evaluate.py); llm_prefill_ms includes select_ms, the pruner's own work before "
               "the first layer; times are per question, batch " + str(args.batch_size)
@@ -131,7 +133,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     p.add_argument("--fastv-layer", type=int, default=NUMBER_OPTIONS["fastv_layer"], help="FastV's K")
     p.add_argument("--group-sim", type=float, default=NUMBER_OPTIONS["group_sim"],
-                   help="codebook keep rule: cosine above which two tokens (or a token and a prototype) are alike")
+                   help="codebook keep rule: cosine above which two visual tokens are alike "
+                        "(default: vrc_dist.prune.GROUP_SIM)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch; the fastest counts")
     p.add_argument("--limit", type=int, default=NUMBER_OPTIONS["limit"], help="use only the first N images")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

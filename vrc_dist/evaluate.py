@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vrc_dist.baselines import make_method
-from vrc_dist.prune import prune_visual_tokens
+from vrc_dist.prune import GROUP_SIM, prune_visual_tokens
 from vrc_dist.toy.world import QUESTION_TYPES
 
 
@@ -145,7 +145,7 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
 
 
 def evaluate(model, processor, samples, methods, keeps, codebook=None, batch_size: int = 64, seed: int = 0,
-             fastv_layer: int = 2, group_sim: float = 0.9, repeats: int = 3, progress=None) -> list[dict]:
+             fastv_layer: int = 2, group_sim: float = GROUP_SIM, repeats: int = 3, progress=None) -> list[dict]:
     """One row per (method, keep); `relative` is accuracy over the unpruned accuracy."""
     batches = build_batches(processor, samples, batch_size)
     rows = []

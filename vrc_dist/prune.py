@@ -27,6 +27,11 @@ import torch
 from vrc_dist.codebook import Codebook
 
 
+# Cosine above which two visual tokens count as alike in the codebook's keep rule (see CodebookMethod);
+# chosen on train-split images of the toy model.
+GROUP_SIM = 0.9
+
+
 def check_keep(keep: float) -> float:
     if not isinstance(keep, (int, float)) or not 0 < keep <= 1:
         raise ValueError(f"keep ratio must be in (0, 1], got {keep!r}")
@@ -124,7 +129,9 @@ def grid_distances(n: int) -> np.ndarray:
     side = math.isqrt(n)
     i = np.arange(n)
     xy = np.stack([i // side, i % side], -1) if side * side == n else np.stack([i * 0, i], -1)
-    return ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    distances = ((xy[:, None] - xy[None]) ** 2).sum(-1)
+    distances.flags.writeable = False  # cached and shared between calls
+    return distances
 
 
 def spread(chosen: list[int], need: int, n: int) -> list[int]:
@@ -157,7 +164,7 @@ class CodebookMethod(ScoreMethod):
     name = "codebook"
 
     def __init__(self, codebook: Codebook | str, keep: float | None = None, threshold: float | None = None,
-                 diverse: bool = True, group_sim: float = 0.9):
+                 diverse: bool = True, group_sim: float = GROUP_SIM):
         super().__init__(keep, threshold)
         self.codebook = codebook if isinstance(codebook, Codebook) else Codebook.open(codebook)
         self.diverse = diverse
@@ -174,8 +181,10 @@ class CodebookMethod(ScoreMethod):
         return []
 
     def score(self, tokens, image):
-        v = torch.nn.functional.normalize(tokens.float(), dim=-1)
-        return (v @ self._protos.T).max(-1).values
+        return self._redundancy(torch.nn.functional.normalize(tokens.float(), dim=-1))
+
+    def _redundancy(self, unit: torch.Tensor) -> torch.Tensor:
+        return (unit @ self._protos.T).max(-1).values
 
     def choose(self, tokens, image, k):
         if not self.diverse:
@@ -184,7 +193,7 @@ class CodebookMethod(ScoreMethod):
         sim = v @ v.T
         sim = (sim + sim.T) / 2  # exactly symmetric with a unit diagonal: a pair's medoid is a true tie
         sim.fill_diagonal_(1.0)
-        chosen = cover(sim.cpu().numpy(), self.score(tokens, image).cpu().numpy(), k, self.group_sim)
+        chosen = cover(sim.cpu().numpy(), self._redundancy(v).cpu().numpy(), k, self.group_sim)
         return torch.tensor(sorted(chosen + spread(chosen, k - len(chosen), len(v))), device=tokens.device)
 
 
@@ -290,7 +299,7 @@ class InputPruner(HookedPruner):
 
 @contextmanager
 def prune_visual_tokens(model, codebook: Codebook | str | None = None, *, keep: float | None = None,
-                        threshold: float | None = None, group_sim: float = 0.9, method=None):
+                        threshold: float | None = None, group_sim: float = GROUP_SIM, method=None):
     """Prune visual tokens of `model` inside the block: by codebook (keep ratio or similarity threshold),
     or by another `method` (see vrc_dist.baselines). Yields the pruner; `.kept` lists tokens kept per image."""
     if method is None:
