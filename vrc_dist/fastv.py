@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from vrc_dist.model import given_cache
 from vrc_dist.prune import HookedPruner, check_keep, image_runs, keep_count, newline_mask
 
 
@@ -65,7 +66,7 @@ class FastVPruner(HookedPruner):
         return self
 
     def _before_llm(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         ids, self._step = self._input_ids, None
         self._phase = None

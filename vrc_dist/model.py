@@ -13,6 +13,7 @@ suffix to get the first generated token's logits.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,6 +43,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelError(ValueError):
     pass
+
+
+# transformers 5.24 renamed the KV-cache argument of its model forwards from `past_key_values` to `cache`
+# (the old name is deprecated, to be removed in 5.40). Both names are supported, for the lock's older range.
+
+def cache_argument(module: torch.nn.Module) -> str:
+    """The name under which `module.forward` takes its KV cache in the installed transformers."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def given_cache(kwargs: dict):
+    """The KV cache a forward pre-hook was given, under either name (None if none)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
 
 
 @dataclass
@@ -202,6 +217,7 @@ class LlavaAdapter:
         self.vision_tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
         self.language_model = model.model.language_model
+        self._cache_arg = cache_argument(self.language_model)
         self.lm_head = model.lm_head
         self.pad_token_id = self._pad_token_id(pad_token_id)
         embed = model.get_input_embeddings()
@@ -297,7 +313,7 @@ class LlavaAdapter:
             return self._prefix_context
         seq = self.prefix_embeddings if block is None else torch.cat([self.prefix_embeddings, block])
         cache = DynamicCache(config=self.config.get_text_config())
-        self.language_model(inputs_embeds=seq[None], past_key_values=cache, use_cache=True)
+        self.language_model(inputs_embeds=seq[None], use_cache=True, **{self._cache_arg: cache})
         if any(layer.is_sliding for layer in cache.layers):
             raise ModelError(f"{self.model_id}: sliding-window attention layers; KV reuse is not supported")
         ctx = KVContext([(layer.keys, layer.values) for layer in cache.layers], len(seq))
@@ -331,7 +347,7 @@ class LlavaAdapter:
         suffix = self.suffix_embeddings.expand(b, -1, -1)
         seq = torch.cat([rest.to(self.dtype), suffix], dim=1)
         with last_position_only(self.language_model.layers[-1]):
-            hidden = self.language_model(inputs_embeds=seq, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = self.language_model(inputs_embeds=seq, use_cache=True, **{self._cache_arg: cache}).last_hidden_state
         return self.lm_head(hidden[:, -1]).float()
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vrc_dist.codebook import Codebook
+from vrc_dist.model import given_cache
 
 
 # Cosine above which two visual tokens count as alike in the codebook's keep rule (see CodebookMethod);
@@ -236,7 +237,7 @@ class InputPruner(HookedPruner):
         return self
 
     def _before_llm(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         ids = self._input_ids
         if past == 0 and ids is not None and (ids == self.image_token_id).any():
