@@ -1,25 +1,30 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create or refresh .venv first. GPU users override TORCH_SPEC, e.g.
+# Both create or refresh .venv first, with the exact versions of requirements.lock. GPU users override
+# TORCH_SPEC, e.g.
 #   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+LOCK       := requirements.lock
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.vrc-installed
+# `make test-latest` installs the newest releases pyproject.toml allows here; `make lock` freezes them.
+LATEST     ?= .venv-latest
 
 # Under CI, keep the default suite and skip the long reliability runs.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all test-latest lock bench clean
 
 venv: $(STAMP)
 
 # torch goes in first, from TORCH_SPEC: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile
+# The lock is a constraints file: it pins every package that gets installed, and installs nothing itself.
+$(STAMP): pyproject.toml $(LOCK) Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) $(TORCH_SPEC)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 demo: $(STAMP)
@@ -32,9 +37,26 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest
 
+# A bump is tried here, never in .venv: a fresh venv, no lock, the newest releases in pyproject's ranges.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(LATEST)/bin/python -m pip install -q -e ".[dev]"
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable > $(LATEST)/versions.txt
+	@grep -iE '^(transformers|torch|ray|faiss-cpu|pyarrow|numpy|webdataset)==' $(LATEST)/versions.txt
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
+
+# After `make test-latest` passed: its versions become the lock (torch stays with TORCH_SPEC).
+lock:
+	test -f $(LATEST)/versions.txt || { echo "run 'make test-latest' first"; exit 1; }
+	{ sed -n '1,3p' $(LOCK); grep -viE '^torch==' $(LATEST)/versions.txt; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
 bench: $(STAMP)
 	$(PY) bench/probe_bench.py
 	$(PY) bench/dpc_bench.py --quick
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(LATEST) out .pytest_cache

@@ -11,10 +11,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import vrc_dist
 from vrc_dist import codebook
 from vrc_dist.codebook import (
-    PROVENANCE_SCHEMA, Codebook, CodebookError, export_reference, import_reference, load_reference,
+    PROVENANCE_SCHEMA, Codebook, CodebookError, export_reference, import_reference, load_reference, resolve_path,
 )
+from vrc_dist.toy import TOY_CODEBOOK_DIR
 
 DIM = 16
 
@@ -201,11 +203,13 @@ def test_search_is_exact_cosine_top_k(book):
     assert cb.search(queries, 500)[1].shape == (20, 50)  # k is capped at the number of prototypes
 
 
-def test_toy_name_resolves_under_codebooks_root(tmp_path, monkeypatch):
+def test_bare_names_resolve_under_codebooks_root_and_toy_to_the_packaged_codebook(tmp_path, monkeypatch):
     monkeypatch.setenv("VRC_CODEBOOKS", str(tmp_path))
-    Codebook.create(tmp_path / "toy-llava", "toy-llava", "toy", DIM)
-    commit(tmp_path / "toy-llava", seed=1)
-    assert Codebook.open("toy").path == tmp_path / "toy-llava"
+    Codebook.create(tmp_path / "mine", "mine", "toy", DIM)
+    commit(tmp_path / "mine", seed=1)
+    assert Codebook.open("mine").path == tmp_path / "mine"
+    assert resolve_path("toy") == TOY_CODEBOOK_DIR
+    assert TOY_CODEBOOK_DIR.is_relative_to(Path(vrc_dist.__file__).parent)  # package data, not the checkout
 
 
 def test_export_import_round_trip(book, tmp_path):

@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import vrc_dist
 
 MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
@@ -57,15 +56,17 @@ class CodebookError(ValueError):
 
 
 def codebooks_root() -> Path:
-    """Where named codebooks live: $VRC_CODEBOOKS, else <repo>/codebooks next to the package."""
-    env = os.environ.get("VRC_CODEBOOKS")
-    return Path(env) if env else Path(vrc_dist.__file__).resolve().parents[1] / "codebooks"
+    """Where bare codebook names are looked up: $VRC_CODEBOOKS, else ./codebooks."""
+    return Path(os.environ.get("VRC_CODEBOOKS", "codebooks"))
 
 
 def resolve_path(path: str | Path) -> Path:
-    """`toy` names the toy model's codebook; another bare name not found as a path is looked up in the root."""
+    """`toy` names the toy model's codebook (package data); another bare name not found as a path is looked
+    up under codebooks_root()."""
     if str(path) == "toy":
-        return codebooks_root() / "toy-llava"
+        from vrc_dist.toy import TOY_CODEBOOK_DIR
+
+        return TOY_CODEBOOK_DIR
     p = Path(path)
     if not p.exists() and (codebooks_root() / p).is_dir():
         return codebooks_root() / p
