@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make demo`: toy shards -> toy model accuracy -> a local Ray head -> the build as a Ray job -> summary.
+# `make demo`: toy shards -> toy model accuracy -> a local Ray head -> the build as a Ray job -> its extension
+# with more shards as a Ray job -> the nearest prototypes of a few tokens -> pruning vs baselines.
 # Everything Ray starts listens on 127.0.0.1 only and is stopped on exit, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ mkdir -p "$OUT"
 echo "== toy shards"
 # Train-split images the model never saw (it was trained on the train shards of seed 0), and a held-out eval split.
 vrc toy make-shards --out "$OUT/shards/train" --shards 4 --per-shard 25 --seed 1 --split train
+vrc toy make-shards --out "$OUT/shards/more" --shards 2 --per-shard 25 --seed 2 --split train
 vrc toy make-shards --out "$OUT/shards/eval" --shards 1 --per-shard 60 --seed 100 --split eval
 
 echo "== toy model, held-out accuracy"
@@ -76,8 +78,17 @@ ray job submit --address "$ADDRESS" --working-dir . -- \
   --set cluster.min_images=8 \
   2>&1 | tee "$OUT/build.log" | grep -v -e "^\s*$" -e "Loading weights"
 
-stop_ray  # the evaluation below needs no cluster; give its CPUs back
+echo "== extend job: the same codebook with 50 more images (only the new ones are probed)"
+ray job submit --address "$ADDRESS" --working-dir . -- \
+  python jobs/extend_codebook.py --codebook "$OUT/codebook" --shards "$OUT/shards/more/*.tar" \
+  --out "$OUT/metrics-more" --actors 2 \
+  2>&1 | tee "$OUT/extend.log" | grep -v -e "^\s*$" -e "Loading weights"
+
+stop_ray  # what follows needs no cluster; give its CPUs back
 RAY_PID=
+
+echo "== versions of the new codebook"
+vrc codebook list "$OUT/codebook"
 
 echo "== pruning with the new codebook vs baselines, held-out eval split"
 vrc eval --model "$MODEL" --codebook "$OUT/codebook" --shards "$OUT/shards/eval" \
