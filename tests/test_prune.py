@@ -93,10 +93,11 @@ def test_threshold_prunes_rows_unequally_and_equals_the_hand_pruned_prompt(llava
     assert torch.equal(got[:, ids.shape[1]:], reference)
 
 
-def test_keep_ratio_counts_and_original_order(llava, codebook, features):
+@pytest.mark.parametrize("name", ["codebook", "codebook-plain"])  # the paper's rule, under both its names
+def test_keep_ratio_counts_and_original_order(llava, codebook, features, name):
     model, inputs = llava
     seen = []
-    with prune_visual_tokens(model, method=make_method("codebook-plain", 0.2, codebook=codebook)) as pruner:
+    with prune_visual_tokens(model, method=make_method(name, 0.2, codebook=codebook)) as pruner:
         hook = model.model.language_model.register_forward_pre_hook(  # after the pruner's: sees its output
             lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
         with torch.no_grad():
@@ -148,7 +149,7 @@ def test_codebook_keep_equals_the_from_scratch_reference(llava, tmp_path, keep, 
     tokens = np.concatenate([protos[rng.integers(6, size=n // 3)] + 0.05 * rng.normal(size=(n // 3, d)),
                              groups[rng.integers(5, size=n // 2)] + spread * rng.normal(size=(n // 2, d)),
                              rng.normal(size=(n - n // 3 - n // 2, d))])[rng.permutation(n)]
-    method = make_method("codebook", keep, codebook=make_codebook(tmp_path / "cb", protos))
+    method = make_method("codebook-diverse", keep, codebook=make_codebook(tmp_path / "cb", protos))
     method.attach(model)
     _, idx = method.reduce(torch.from_numpy(tokens).float(), 0)
     assert idx.tolist() == _cover_spread_reference(tokens, protos, keep_count(keep, n))
@@ -167,14 +168,82 @@ def test_codebook_keep_covers_each_object_once_then_spreads(llava, tmp_path):
     tokens[15] = small
     codebook = make_codebook(tmp_path / "cb", background[None])
     kept = {}
-    for name in ("codebook", "codebook-plain"):
+    for name in ("codebook-diverse", "codebook"):
         method = make_method(name, 4 / 16, codebook=codebook)
         method.attach(model)
         kept[name] = method.reduce(torch.from_numpy(tokens).float(), 0)[1].tolist()
-    assert 15 not in kept["codebook-plain"]  # the plain rule spends all four on the large object
+    assert 15 not in kept["codebook"]  # the paper's rule spends all four on the large object
     # One token per object (the large one's most typical: its centre, 5), one of the background (its
     # most typical, 7), then the grid token farthest from those three (12).
-    assert kept["codebook"] == [5, 7, 12, 15]
+    assert kept["codebook-diverse"] == [5, 7, 12, 15]
+
+
+def test_paper_rule_is_the_default_of_prune_visual_tokens(llava, codebook, features):
+    model, inputs = llava
+    with prune_visual_tokens(model, codebook, keep=0.2) as default:
+        got = generate(model, inputs)
+    with prune_visual_tokens(model, method=make_method("codebook", 0.2, codebook=codebook)):
+        assert torch.equal(generate(model, inputs), got)
+    with prune_visual_tokens(model, codebook, keep=0.2, diverse=True) as extension:
+        generate(model, inputs)
+    assert default.kept == [5, 5] and not default.method.diverse and extension.method.diverse
+
+
+def test_null_codebook_is_seeded_noise_of_the_codebooks_shape(llava, codebook):
+    model, _ = llava
+    tokens = torch.from_numpy(np.random.default_rng(3).normal(size=(25, codebook.dim))).float()
+
+    def null(seed, name="codebook-null"):
+        method = make_method(name, 0.2, codebook=codebook, seed=seed)
+        method.attach(model)
+        return method
+
+    a, b, c = null(0), null(0), null(1)
+    assert a.vectors.shape == codebook.vectors.shape and not np.allclose(a.vectors, codebook.vectors)
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert not np.array_equal(a.vectors, c.vectors)
+    assert torch.equal(a.reduce(tokens, 0)[1], b.reduce(tokens, 0)[1])
+    assert torch.equal(a.score(tokens, 0), null(0, "codebook-diverse-null").score(tokens, 0))
+    real = make_method("codebook", 0.2, codebook=codebook)
+    real.attach(model)
+    assert not torch.equal(real.score(tokens, 0), a.score(tokens, 0))
+
+
+def _divprune_reference(tokens: np.ndarray, k: int) -> list[int]:
+    """DivPrune from scratch in float64 loops: the token whose nearest other token is farthest, then each
+    time the token whose nearest kept token is farthest (first index on ties)."""
+    v, n = _unit(tokens.astype(np.float64)), len(tokens)
+    dist = [[1 - v[i] @ v[j] for j in range(n)] for i in range(n)]
+    chosen = [max(range(n), key=lambda j: min(dist[i][j] for i in range(n) if i != j))]
+    while len(chosen) < k:
+        rest = [j for j in range(n) if j not in chosen]
+        chosen.append(max(rest, key=lambda j: min(dist[c][j] for c in chosen)))
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("keep", [0.04, 0.2, 0.5, 0.9])
+def test_divprune_equals_the_from_scratch_reference(keep):
+    rng = np.random.default_rng(2)
+    groups = rng.normal(size=(4, 12))
+    tokens = np.concatenate([groups[rng.integers(4, size=20)] + 0.1 * rng.normal(size=(20, 12)),
+                             rng.normal(size=(10, 12))])
+    _, idx = make_method("divprune", keep).reduce(torch.from_numpy(tokens).float(), 0)
+    assert idx.tolist() == _divprune_reference(tokens, keep_count(keep, 30))
+
+
+def test_oracle_orders_objects_round_robin_and_anti_oracle_reverses_it():
+    # A 3x3 grid: object 1 on 0, 1, 4 (coverage .5, 1, .9), object 2 on 8 (.3); the rest background.
+    mask, coverage = np.array([1, 1, 0, 0, 1, 0, 0, 0, 2]), np.array([.5, 1, 0, 0, .9, 0, 0, 0, .3])
+    tokens = torch.zeros(9, 4)
+    kept = {}
+    for name in ("oracle", "anti-oracle"):
+        method = make_method(name, 3 / 9)
+        method.truth = [(mask, coverage)]
+        kept[name] = method.reduce(tokens, 0)[1].tolist()
+    assert kept == {"oracle": [1, 4, 8], "anti-oracle": [5, 6, 7]}
+    method = make_method("oracle", 0.5)
+    with pytest.raises(ValueError, match="per-patch masks"):
+        method.reduce(tokens, 0)
 
 
 def test_keep_count():

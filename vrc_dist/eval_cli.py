@@ -6,9 +6,12 @@ import json
 import sys
 from pathlib import Path
 
+# The paper's rule, this project's extension, each with its null control, and the baselines.
+DEFAULT_METHODS = "codebook,codebook-null,codebook-diverse,codebook-diverse-null,divprune,random,cls,fastv,pool"
 # Options that change the numbers, with their defaults: the table's command names them when not default.
 NUMBER_OPTIONS = {"limit": 0, "fastv_layer": 2, "group_sim": None}
-COLUMNS = ["method", "keep", "kept_tokens", "accuracy", "relative", "acc_single", "acc_shape", "acc_colour",
+COLUMNS = ["method", "keep", "kept_tokens", "accuracy", "acc_lo", "acc_hi", "relative", "vs_null", "vs_null_lo",
+           "vs_null_hi", "acc_single", "acc_shape", "acc_colour",
            "acc_count", "acc_position", "prefill_gflops", "llm_prefill_ms", "select_ms", "forward_ms", "questions"]
 
 
@@ -93,6 +96,8 @@ def _eval(args) -> int:
     header = (f"# Pruning on the toy eval split\n\nmodel `{args.model}`{cb}; shards `{args.shards}` "
               f"({len(samples)} images, {rows[0]['questions']} questions); FastV K={args.fastv_layer}; "
               f"codebook group_sim {group_sim}; command: `{command}`\n\n"
+              "acc_lo / acc_hi: bootstrap 95% interval over questions; vs_null: accuracy minus the same rule's "
+              "with a random codebook (codebook-null / codebook-diverse-null), paired, with its interval; "
               "relative = accuracy / unpruned accuracy; prefill_gflops: language model, analytic "
               "(see vrc_dist/evaluate.py); llm_prefill_ms includes select_ms, the pruner's own work before "
               "the first layer; times are per question, batch " + str(args.batch_size)
@@ -127,13 +132,15 @@ def register(sub) -> None:
     p.add_argument("--codebook-version", default=None)
     p.add_argument("--shards", required=True, help="directory of toy eval shards (*.tar) or one shard")
     p.add_argument("--keep", default="1.0,0.5,0.25,0.111,0.056", help="comma-separated keep ratios")
-    p.add_argument("--methods", default="codebook,random,cls,fastv,pool")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma-separated; also codebook-plain (the former name of codebook), oracle and "
+                        "anti-oracle (toy shards only)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline, the null codebooks and the intervals")
     p.add_argument("--fastv-layer", type=int, default=NUMBER_OPTIONS["fastv_layer"], help="FastV's K")
     p.add_argument("--group-sim", type=float, default=NUMBER_OPTIONS["group_sim"],
-                   help="codebook keep rule: cosine above which two visual tokens are alike "
+                   help="codebook-diverse keep rule: cosine above which two visual tokens are alike "
                         "(default: vrc_dist.prune.GROUP_SIM)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per batch; the fastest counts")
     p.add_argument("--limit", type=int, default=NUMBER_OPTIONS["limit"], help="use only the first N images")

@@ -9,6 +9,10 @@ key/value width d_kv, MLP width m,
   + 2 n^2 d_q                                       (causal QK^T and AV: half of 2 * 2 n^2 d_q)
 summed over layers (FastV: layers < K at the unpruned n), plus 2 d V for the LM head at the last position.
 Wall time is measured around the language model's prefill (hooks) and around the whole forward.
+
+Every accuracy comes with a bootstrap 95% interval over questions, and each codebook method run beside its
+null control (baselines.NULL_OF) with the paired difference to it and that difference's interval: the same
+resampled questions for both, so the interval is of the difference itself.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from vrc_dist.baselines import make_method
+from vrc_dist.baselines import NULL_OF, make_method
 from vrc_dist.prune import GROUP_SIM, prune_visual_tokens
 from vrc_dist.toy.world import QUESTION_TYPES
 
@@ -36,11 +41,15 @@ def prefill_flops(cfg, n_full: float, n_kept: float, first_pruned_layer: int = 0
     return sum(layer_flops(cfg, n) for n in layers) + 2 * cfg.hidden_size * cfg.vocab_size
 
 
+BOOTSTRAP = 2000  # resamples per interval: the 2.5% / 97.5% quantiles move by < 0.002 beyond this
+
+
 @dataclass
 class Batch:
     inputs: dict
     answers: torch.Tensor
     qtypes: list[str]
+    truth: list[tuple[np.ndarray, np.ndarray]]  # per question's image: ground-truth (mask, coverage), flat
 
 
 def build_batches(processor, samples: list[dict], batch_size: int) -> list[Batch]:
@@ -48,6 +57,7 @@ def build_batches(processor, samples: list[dict], batch_size: int) -> list[Batch
     tok = processor.tokenizer
     tok.padding_side = "left"  # the last position must be every row's prompt end
     rows = [(s["image"], qa) for s in samples for qa in s["meta"]["qa"]]
+    metas = [(s["meta"], qa) for s in samples for qa in s["meta"]["qa"]]
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -57,7 +67,8 @@ def build_batches(processor, samples: list[dict], batch_size: int) -> list[Batch
         inputs = processor(images=[img for img, _ in chunk], text=texts, return_tensors="pt", padding=True)
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         answers = torch.tensor(tok.convert_tokens_to_ids([qa["answer"] for _, qa in chunk]))
-        batches.append(Batch(dict(inputs), answers, [qa["type"] for _, qa in chunk]))
+        truth = [(np.ravel(m["mask"]), np.ravel(m["coverage"])) for m, _ in metas[i:i + batch_size]]
+        batches.append(Batch(dict(inputs), answers, [qa["type"] for _, qa in chunk], truth))
     return batches
 
 
@@ -100,10 +111,12 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
     cfg = model.config.text_config
     first_pruned = getattr(method, "layer", 0)  # FastV prunes after layer K; the rest before layer 0
     counts = defaultdict(lambda: [0, 0])
-    kept, total, flops, llm_s, forward_s, select_s = [], [], 0.0, 0.0, 0.0, 0.0
+    kept, total, correct, flops, llm_s, forward_s, select_s = [], [], [], 0.0, 0.0, 0.0, 0.0
     timer = _Timer(model.model.language_model)
     try:
         for batch in batches:
+            if hasattr(method, "truth"):  # the oracles read the world's ground truth
+                method.truth = batch.truth
             times = []
             for _ in range(repeats):
                 with prune_visual_tokens(model, method=method) as pruner:
@@ -120,6 +133,7 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
             for qtype, ok in zip(batch.qtypes, (logits.argmax(-1) == batch.answers).tolist()):
                 counts[qtype][0] += ok
                 counts[qtype][1] += 1
+                correct.append(ok)
             kept += pruner.kept
             total += pruner.total
             n_full = batch.inputs["attention_mask"].sum(1).tolist()
@@ -137,6 +151,7 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
         "llm_prefill_ms": 1e3 * llm_s / n_questions,
         "forward_ms": 1e3 * forward_s / n_questions,
         "select_ms": 1e3 * select_s / n_questions,
+        "correct": np.asarray(correct, bool),  # per question, in batch order: for the intervals
     }
     for qtype in QUESTION_TYPES:
         if qtype in counts:
@@ -161,4 +176,28 @@ def evaluate(model, processor, samples, methods, keeps, codebook=None, batch_siz
     full = next((r for r in rows if r["keep"] == 1.0), None) or run_method(model, batches, make_method("random", 1.0), 1)
     for r in rows:
         r["relative"] = r["accuracy"] / full["accuracy"] if full["accuracy"] else float("nan")
+    add_intervals(rows, seed)
     return rows
+
+
+def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> tuple[float, float]:
+    """95% percentile interval of the mean of `values` over resampled question indices [B, n]."""
+    lo, hi = np.quantile(values[resamples].mean(1), [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def add_intervals(rows: list[dict], seed: int = 0) -> None:
+    """acc_lo / acc_hi for every row; vs_null (+ _lo / _hi) for codebook rows whose null ran at the same keep.
+    Consumes each row's per-question `correct`."""
+    n = len(rows[0]["correct"])
+    resamples = np.random.default_rng(seed).integers(0, n, size=(BOOTSTRAP, n))
+    by_key = {(r["method"], r["keep"]): r["correct"] for r in rows}
+    for r in rows:
+        r["acc_lo"], r["acc_hi"] = bootstrap_interval(r["correct"].astype(float), resamples)
+        null = by_key.get((NULL_OF.get(r["method"]), r["keep"]))
+        if null is not None:
+            diff = r["correct"].astype(float) - null
+            r["vs_null"] = float(diff.mean())
+            r["vs_null_lo"], r["vs_null_hi"] = bootstrap_interval(diff, resamples)
+    for r in rows:
+        del r["correct"]

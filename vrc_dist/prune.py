@@ -28,7 +28,7 @@ from vrc_dist.codebook import Codebook
 from vrc_dist.model import given_cache
 
 
-# Cosine above which two visual tokens count as alike in the codebook's keep rule (see CodebookMethod);
+# Cosine above which two visual tokens count as alike in the codebook-diverse keep rule (see CodebookMethod);
 # chosen on train-split images of the toy model.
 GROUP_SIM = 0.9
 
@@ -150,26 +150,33 @@ def spread(chosen: list[int], need: int, n: int) -> list[int]:
 class CodebookMethod(ScoreMethod):
     """s(v) = max cosine similarity to the codebook's redundant prototypes; high s = redundant.
 
-    By keep ratio with `diverse` (the default), the budget covers each distinct kind of content once,
-    least redundant first, then spreads over the image:
+    By keep ratio, the paper's rule (the default): the tokens of lowest s, in original order. By threshold:
+    the tokens with s below it.
+
+    `diverse=True` is this project's extension (`codebook-diverse`, see docs/METHOD.md), not the paper's: the
+    budget covers each distinct kind of content once, least redundant first, then spreads over the image:
     1. cover: the least redundant token not yet covered opens a group, the uncovered tokens within
        cosine `group_sim` of it (after the vision tower the patches of one object look alike). The
        group's medoid, its most typical token, is kept, and every token within `group_sim` of the
        medoid is covered. Repeat until the budget runs out or every token is covered.
     2. spread: budget left over goes to the tokens farthest on the patch grid from those kept.
-    Why: the lowest-similarity tokens alone (`diverse=False`) are the many near-identical patches of
-    one large object, and a budget spent on the most unusual patches of objects already covered (their
-    edges) shows the LM fragments it reads as extra objects. The codebook orders the groups but does
-    not decide coverage: a codebook with a few object prototypes would otherwise hide whole objects."""
+    Why: the lowest-similarity tokens alone are often the many near-identical patches of one large object.
+    The codebook only orders the groups; on the toy world the rule scores the same with a random codebook
+    (README), so its gains there belong to the rule, not to the codebook.
+
+    `null_seed` swaps the prototypes for seeded Gaussian noise of the same size and dimension: the control
+    that shows whether a codebook does better than chance (`codebook-null`, `codebook-diverse-null`)."""
 
     name = "codebook"
 
     def __init__(self, codebook: Codebook | str, keep: float | None = None, threshold: float | None = None,
-                 diverse: bool = True, group_sim: float = GROUP_SIM):
+                 diverse: bool = False, group_sim: float = GROUP_SIM, null_seed: int | None = None):
         super().__init__(keep, threshold)
         self.codebook = codebook if isinstance(codebook, Codebook) else Codebook.open(codebook)
         self.diverse = diverse
         self.group_sim = group_sim
+        self.vectors = self.codebook.vectors if null_seed is None else null_prototypes(self.codebook.vectors.shape,
+                                                                                       null_seed)
         self._protos = None
 
     def attach(self, model):
@@ -177,7 +184,7 @@ class CodebookMethod(ScoreMethod):
             raise ValueError(f"embedding dim mismatch: codebook {self.codebook.path} has dim {self.codebook.dim}, "
                              f"the model's language embeddings have dim {embed_dim(model)}")
         # Cosine on the model's device (same numbers as the codebook's flat inner-product index).
-        protos = torch.from_numpy(self.codebook.vectors).to(model.device, torch.float32)
+        protos = torch.from_numpy(self.vectors).to(model.device, torch.float32)
         self._protos = torch.nn.functional.normalize(protos, dim=-1)
         return []
 
@@ -196,6 +203,11 @@ class CodebookMethod(ScoreMethod):
         sim.fill_diagonal_(1.0)
         chosen = cover(sim.cpu().numpy(), self._redundancy(v).cpu().numpy(), k, self.group_sim)
         return torch.tensor(sorted(chosen + spread(chosen, k - len(chosen), len(v))), device=tokens.device)
+
+
+def null_prototypes(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Seeded N(0, 1) prototypes: a codebook that knows nothing, with the size and width of a real one."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 class HookedPruner:
@@ -300,13 +312,15 @@ class InputPruner(HookedPruner):
 
 @contextmanager
 def prune_visual_tokens(model, codebook: Codebook | str | None = None, *, keep: float | None = None,
-                        threshold: float | None = None, group_sim: float = GROUP_SIM, method=None):
-    """Prune visual tokens of `model` inside the block: by codebook (keep ratio or similarity threshold),
-    or by another `method` (see vrc_dist.baselines). Yields the pruner; `.kept` lists tokens kept per image."""
+                        threshold: float | None = None, diverse: bool = False, group_sim: float = GROUP_SIM,
+                        method=None):
+    """Prune visual tokens of `model` inside the block: by codebook (keep ratio or similarity threshold; the
+    paper's rule, or this project's `diverse` extension), or by another `method` (see vrc_dist.baselines).
+    Yields the pruner; `.kept` lists tokens kept per image."""
     if method is None:
         if codebook is None:
             raise ValueError("give a codebook (with keep= or threshold=) or a method")
-        method = CodebookMethod(codebook, keep=keep, threshold=threshold, group_sim=group_sim)
+        method = CodebookMethod(codebook, keep=keep, threshold=threshold, diverse=diverse, group_sim=group_sim)
     elif codebook is not None or keep is not None or threshold is not None:
         raise ValueError("a method carries its own settings: give either method= or codebook/keep/threshold")
     pruner = method.pruner(model) if hasattr(method, "pruner") else InputPruner(model, method)
