@@ -19,6 +19,8 @@ from vrc_dist.codebook import (
 from vrc_dist.toy import TOY_CODEBOOK_DIR
 
 DIM = 16
+# The reference's released codebooks, in shared/ beside the checkout.
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "codebooks"
 
 
 def protos(n: int, seed: int) -> tuple[np.ndarray, pa.Table]:
@@ -221,7 +223,44 @@ def test_export_import_round_trip(book, tmp_path):
     back = Codebook.open(tmp_path / "imported", version=version, expected_dim=DIM)
     np.testing.assert_array_equal(back.vectors, cb.vectors)
     assert back.provenance.select(["key", "token_index"]).equals(cb.provenance.select(["key", "token_index"]))
-    assert back.params["imported_from"]["pt_sha256"] == codebook.sha256_file(pt)
+    assert back.params["imported_from"] == {"pt": "protos.pt", "pt_sha256": codebook.sha256_file(pt), "dtype": "float32",
+                                            "json": "protos.json", "json_sha256": codebook.sha256_file(js)}
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"no reference codebooks at {REFERENCE} (shared/ beside the checkout)")
+@pytest.mark.parametrize("folder", ["llava15-454", "onevision-45"])
+def test_reference_codebooks_round_trip_exactly(tmp_path, folder):
+    """import -> export gives back the released tensor and ids; a second round changes nothing."""
+    import torch
+
+    (pt,) = (REFERENCE / folder).glob("*.pt")
+    js = pt.with_suffix(".json")
+    original = torch.load(pt, map_location="cpu", weights_only=True).detach()
+    import_reference(pt, js, tmp_path / "one", model_id="m")
+    first_cb = Codebook.open(tmp_path / "one")
+    assert first_cb.params["imported_from"] == {"pt": pt.name, "pt_sha256": codebook.sha256_file(pt), "dtype": "float16",
+                                                "json": js.name, "json_sha256": codebook.sha256_file(js)}
+    pt1, js1 = export_reference(first_cb, tmp_path / "out1" / "cb")
+    first = torch.load(pt1, weights_only=True)
+    assert first.dtype == torch.float16 and first.device.type == "cpu" and not first.requires_grad
+    assert torch.equal(first, original)
+    assert json.loads(js1.read_text()) == json.loads(js.read_text())  # bare ids, as released
+
+    import_reference(pt1, js1, tmp_path / "two", model_id="m")
+    pt2, js2 = export_reference(Codebook.open(tmp_path / "two"), tmp_path / "out2" / "cb")
+    second = torch.load(pt2, weights_only=True)
+    assert js2.read_bytes() == js1.read_bytes()
+    assert second.dtype == first.dtype and torch.equal(second, first)
+
+
+def test_import_refuses_values_float32_cannot_hold(tmp_path):
+    import torch
+
+    torch.save(torch.full((2, DIM), 0.5, dtype=torch.float64), tmp_path / "exact.pt")
+    assert load_reference(tmp_path / "exact.pt")[2] == "float64"
+    torch.save(torch.full((2, DIM), 0.1, dtype=torch.float64), tmp_path / "inexact.pt")
+    with pytest.raises(CodebookError, match="inexact.pt: torch.float64 values that float32 does not hold exactly"):
+        load_reference(tmp_path / "inexact.pt")
 
 
 def test_reference_ids_without_token_index(tmp_path):
@@ -229,8 +268,8 @@ def test_reference_ids_without_token_index(tmp_path):
 
     torch.save(torch.ones(2, DIM, dtype=torch.float16), tmp_path / "r.pt")
     (tmp_path / "r.json").write_text('["213546", "297510"]')
-    vectors, prov = load_reference(tmp_path / "r.pt", tmp_path / "r.json")
-    assert vectors.dtype == np.float32 and vectors.shape == (2, DIM)
+    vectors, prov, dtype = load_reference(tmp_path / "r.pt", tmp_path / "r.json")
+    assert vectors.dtype == np.float32 and vectors.shape == (2, DIM) and dtype == "float16"
     assert prov.column("key").to_pylist() == ["213546", "297510"]
     assert prov.column("token_index").to_pylist() == [-1, -1]
     (tmp_path / "short.json").write_text('["1"]')

@@ -365,24 +365,28 @@ def _names(versions: list[int]) -> str:
 # ---- interchange with the reference code: a .pt tensor [N, D] and a .json list of sample ids -------------
 
 def export_reference(codebook: Codebook, out_prefix: str | Path) -> tuple[Path, Path]:
-    """Write <prefix>.pt (float32 tensor [N, D]) and <prefix>.json (["key:token_index", ...])."""
+    """Write <prefix>.pt (a CPU tensor [N, D]) and <prefix>.json (sample ids), giving back exactly what an
+    import read: the imported dtype (float32 for a built version) and bare ids where token_index is -1."""
     import torch  # only interchange needs torch
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     pt, js = out_prefix.with_name(out_prefix.name + ".pt"), out_prefix.with_name(out_prefix.name + ".json")
-    torch.save(torch.from_numpy(codebook.vectors.copy()), pt)
+    dtype = codebook.params.get("imported_from", {}).get("dtype", "float32")
+    torch.save(torch.from_numpy(codebook.vectors.copy()).to(getattr(torch, dtype)), pt)
     rows = codebook.provenance.select(["key", "token_index"]).to_pylist()
-    js.write_text(json.dumps([f"{r['key']}:{r['token_index']}" for r in rows]) + "\n")
+    ids = [r["key"] if r["token_index"] == -1 else f"{r['key']}:{r['token_index']}" for r in rows]
+    js.write_text(json.dumps(ids) + "\n")
     return pt, js
 
 
-def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple[np.ndarray, pa.Table]:
-    """Read a reference-format codebook into (vectors float32 [N, D], provenance).
+def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple[np.ndarray, pa.Table, str]:
+    """Read a reference-format codebook into (vectors float32 [N, D], provenance, the tensor's dtype name).
 
     `torch.load(weights_only=True)` refuses any pickle global that is not a tensor building block, so a
     crafted file is rejected, never executed. Sample ids "key:token_index" give provenance; the reference's
-    own ids are bare image ids (token_index -1). Cluster and support are unknown (-1).
+    own ids are bare image ids (token_index -1). Cluster and support are unknown (-1). A tensor whose values
+    float32 cannot hold exactly (float64) is refused: export could not give it back.
     """
     import torch
 
@@ -397,10 +401,15 @@ def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():
         what = f"tensor {tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise CodebookError(f"{pt}: expected a 2-D float tensor [N, D], got {what}")
-    vectors = tensor.detach().to(torch.float32).numpy()
-    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    tensor = tensor.detach().cpu()
+    vectors = tensor.to(torch.float32)
+    bad = np.flatnonzero(~np.isfinite(vectors.numpy()).all(axis=1))
     if bad.size:
         raise CodebookError(f"{pt}: {bad.size} row(s) with NaN or inf (rows {bad[:10].tolist()})")
+    if not torch.equal(vectors.to(tensor.dtype), tensor):
+        raise CodebookError(f"{pt}: {tensor.dtype} values that float32 does not hold exactly; convert the "
+                            "tensor to float32 first if that rounding is acceptable")
+    vectors = vectors.numpy()
     n = len(vectors)
     ids = [str(i) for i in range(n)]
     if json_path is not None:
@@ -422,15 +431,16 @@ def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple
          unknown, unknown, unknown],
         schema=PROVENANCE_SCHEMA,
     )
-    return vectors, provenance
+    return vectors, provenance, str(tensor.dtype).removeprefix("torch.")
 
 
 def import_reference(pt: str | Path, json_path: str | Path | None, codebook_dir: str | Path,
                      model_id: str | None = None, name: str | None = None) -> int:
     """Commit a reference-format codebook as the next version of `codebook_dir` (created if needed)."""
-    vectors, provenance = load_reference(pt, json_path)
+    vectors, provenance, dtype = load_reference(pt, json_path)
     cb = Codebook.open_or_create(codebook_dir, vectors.shape[1], str(pt), model_id, name)
-    source = {"pt": str(Path(pt).resolve()), "pt_sha256": sha256_file(Path(pt))}
+    # File names and checksums only: a path of this machine would mean nothing where the codebook goes.
+    source = {"pt": Path(pt).name, "pt_sha256": sha256_file(Path(pt)), "dtype": dtype}
     if json_path is not None:
-        source |= {"json": str(Path(json_path).resolve()), "json_sha256": sha256_file(Path(json_path))}
+        source |= {"json": Path(json_path).name, "json_sha256": sha256_file(Path(json_path))}
     return cb.commit(vectors, provenance, {"imported_from": source})
