@@ -1,6 +1,7 @@
 """The versioned codebook store: round trip, immutability, races, crashes, tampering, search, interchange."""
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import vrc_dist
@@ -36,8 +38,7 @@ def protos(n: int, seed: int) -> tuple[np.ndarray, pa.Table]:
 
 def commit(path: Path, seed: int, n: int = 12, parent: int | None = None) -> int:
     vectors, prov = protos(n, seed)
-    return Codebook.at(path).commit(vectors, prov, {"note": f"seed {seed}"}, parent=parent,
-                                    datasets=[{"path": f"/data/{seed}", "candidates": {}}])
+    return Codebook.at(path).commit(vectors, prov, {"note": f"seed {seed}"}, parent=parent)
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_commit_open_round_trip(book):
     np.testing.assert_array_equal(cb.vectors, vectors)
     assert cb.provenance.equals(prov)
     assert cb.params["note"] == "seed 1" and cb.params["parent"] is None and cb.params["n_prototypes"] == 12
-    assert cb.params["datasets"] == [{"path": "/data/1", "candidates": {}}]
+    assert cb.params["pool"] == []
     manifest = json.loads((book / "manifest.json").read_text())
     assert [v["version"] for v in manifest["versions"]] == [1] and manifest["dim"] == DIM
     assert cb.lookup([3, 0]).column("token_index").to_pylist() == [3, 0]
@@ -76,6 +77,44 @@ def test_versions_are_sequential_and_immutable(book):
         commit(book, seed=4, parent=9)
     with pytest.raises(CodebookError, match="params may not set"):
         Codebook.at(book).commit(*protos(4, 5), {"version": 1})
+
+
+def test_pool_files_are_content_addressed_linked_shared_and_verified(book, tmp_path, monkeypatch):
+    src = tmp_path / "cands.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"]}), src)
+    digest = codebook.sha256_file(src)
+    cb = Codebook.at(book)
+    cb.add_to_pool(src, digest)
+    cb.add_to_pool(src, digest)  # already there: reused
+    entry = {"dataset": "d", "shard": "s", "candidates": digest, "images": None, "n_candidates": 2, "n_images": None}
+    cb.commit(*protos(12, 1), {}, pool=[entry])
+    cb.commit(*protos(12, 2), {}, parent=1, pool=[entry])
+    pooled = book / "pool" / f"{digest}.parquet"
+    assert sorted(p.name for p in (book / "pool").iterdir()) == [pooled.name]  # one file for both versions
+    assert pooled.stat().st_ino == src.stat().st_ino  # hard-linked, not copied
+    assert Codebook.open(book).params["pool"] == [entry] == Codebook.open(book, version=1).params["pool"]
+    assert cb.pool_file(digest, "here") == pooled
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"key": ["c"]}), other)
+    with pytest.raises(CodebookError, match="other.parquet changed while the version was built"):
+        cb.add_to_pool(other, digest[::-1])
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(codebook.os, "link", no_link)
+    cb.add_to_pool(other, codebook.sha256_file(other))
+    copied = cb.pool_path(codebook.sha256_file(other))
+    assert copied.read_bytes() == other.read_bytes() and copied.stat().st_ino != other.stat().st_ino
+    assert not [p for p in (book / "pool").iterdir() if p.name.endswith(".tmp")]
+
+    with pytest.raises(CodebookError, match="pool entries name files not in"):
+        cb.commit(*protos(12, 3), {}, pool=[{**entry, "images": "0" * 64}])
+    os.chmod(pooled, 0o644)
+    pooled.write_bytes(other.read_bytes())
+    with pytest.raises(CodebookError, match=f"{pooled.name}: checksum mismatch"):
+        cb.pool_file(digest, "here")
 
 
 def _racer(path, barrier, results, seed):
