@@ -72,14 +72,14 @@ def read_candidates(dataset_dirs: list[str | Path], base: Codebook | None = None
     if repeated:
         raise ClusteringError(f"dataset listed more than once: {repeated}")
     entries = list(base.params["pool"]) if base is not None else []
-    where = f"params.json of v{base.version:04d}" if base is not None else ""
-    files = [base.pool_file(e["candidates"], where) for e in entries]
+    parent = f"v{base.version:04d}" if base is not None else None
+    files = [base.pool_file(e["candidates"], f"params.json of {parent}") for e in entries]
     sources: dict[str, Path] = {}
     for d in paths:
         new, found = dataset_entries(d)
         if not new:
             raise ClusteringError(f"no candidates/*.parquet with images in metric dataset {d}")
-        check_new_images(entries, new, f"v{base.version:04d}'s pool" if base is not None else "this build")
+        check_new_images(entries, new, f"{parent}'s pool" if parent else "this build")
         entries += new
         sources |= found
         files += [found[e["candidates"]] for e in new]
