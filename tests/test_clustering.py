@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import zlib
 from pathlib import Path
 
@@ -54,7 +55,11 @@ def test_read_sorts_pool_independently_of_order(tmp_path):
     np.testing.assert_array_equal(ab.vectors, ba.vectors)
     keys = ab.ids.column("key").to_pylist()
     assert keys == sorted(keys) and ab.vectors.dtype == np.float32 and ab.vectors.shape[1] == DIM
-    assert [d["path"] for d in ab.datasets] == [str(a.resolve()), str(b.resolve())]
+    assert [(e["dataset"], e["shard"]) for e in ab.entries] == [("a", "a-000"), ("a", "a-001"), ("b", "b-000"),
+                                                                ("b", "b-001")]
+    assert ab.sources == {e["candidates"]: d / "candidates" / f"{e['shard']}.parquet"
+                          for e, d in zip(ab.entries, [a, a, b, b])}
+    assert all(e["images"] is None and e["n_images"] is None for e in ab.entries)  # no manifest: no images files
 
 
 def test_read_rejects_bad_inputs(tmp_path):
@@ -110,20 +115,36 @@ def test_extend_equals_build_from_scratch(tmp_path, backend):
     np.testing.assert_array_equal(extended.vectors, scratch.vectors)
     assert extended.provenance.equals(scratch.provenance)
     assert extended.params["parent"] == 1 and extended.params["probe"] == {"divergence": "reference"}
-    assert {d["path"] for d in extended.params["datasets"]} == {d["path"] for d in scratch.params["datasets"]}
+    assert extended.params["pool"] == Codebook.open(ext, version=1).params["pool"] + scratch.params["pool"][:4]
+    assert sum(e["n_candidates"] for e in extended.params["pool"]) == extended.params["clustering"]["n_candidates"]
     assert Codebook.open(ext, version=1).params["clustering"]["n_images"] == 12
     assert extended.params["clustering"]["n_images"] == 24
 
 
-def test_extend_refuses_a_changed_parent_pool(tmp_path):
+def test_extend_reads_the_pool_from_the_codebook_alone(tmp_path):
+    """A copy of the codebook extends with its datasets gone; a changed or missing pool file is named."""
     a = write_dataset(tmp_path / "a", "a", 12)
     b = write_dataset(tmp_path / "b", "b", 12)
     build_version(tmp_path / "cb", [a], cfg(), model_id="toy")
-    os.remove(a / "candidates" / "a-002.parquet")
-    with pytest.raises(CodebookError, match="candidate pool of v0001 changed"):
+    shutil.copytree(tmp_path / "cb", tmp_path / "copy")
+    shutil.rmtree(a)
+    assert build_version(tmp_path / "copy", [b], cfg(), parent=1) == 2
+    build_version(tmp_path / "fresh", [write_dataset(tmp_path / "a", "a", 12), b], cfg(), model_id="toy")
+    extended, fresh = Codebook.open(tmp_path / "copy"), Codebook.open(tmp_path / "fresh")
+    np.testing.assert_array_equal(extended.vectors, fresh.vectors)
+    assert extended.provenance.equals(fresh.provenance)
+
+    first = extended.params["pool"][0]["candidates"]
+    pooled = tmp_path / "cb" / "pool" / f"{first}.parquet"
+    os.chmod(pooled, 0o644)
+    pooled.write_bytes(pooled.read_bytes()[:-1])
+    with pytest.raises(CodebookError, match=f"pool/{first}.parquet: checksum mismatch"):
+        build_version(tmp_path / "cb", [b], cfg(), parent=1)
+    pooled.unlink()
+    with pytest.raises(CodebookError, match=f"pool/{first}.parquet: missing \\(listed in params.json of v0001\\)"):
         build_version(tmp_path / "cb", [b], cfg(), parent=1)
     with pytest.raises(ClusteringError, match="listed more than once"):
-        build_version(tmp_path / "cb", [a], cfg(), parent=1)
+        build_version(tmp_path / "copy", [b, b], cfg(), parent=1)
 
 
 def test_build_into_existing_codebook_checks_model_and_dim(tmp_path):
@@ -154,7 +175,7 @@ def test_cli_list_show_diff_export_import(tmp_path, capsys):
     assert "checksums verified" in out and "36 prototypes" in out and "2 of 4 clusters kept" in out
     assert main(["codebook", "diff", "--codebook", cb, "1", "2"]) == 0
     out = capsys.readouterr().out
-    assert f"+ dataset {b.resolve()}" in out and 'cluster.prototype_mode: "members" -> "centers"' in out
+    assert "+ pool shard b/b-000" in out and 'cluster.prototype_mode: "members" -> "centers"' in out
     prefix = str(tmp_path / "ref")
     assert main(["codebook", "export", "--codebook", cb, "--out", prefix]) == 0
     assert main(["codebook", "import", "--codebook", str(tmp_path / "imp"), prefix + ".pt", prefix + ".json",

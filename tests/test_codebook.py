@@ -1,6 +1,7 @@
 """The versioned codebook store: round trip, immutability, races, crashes, tampering, search, interchange."""
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import vrc_dist
@@ -19,6 +21,8 @@ from vrc_dist.codebook import (
 from vrc_dist.toy import TOY_CODEBOOK_DIR
 
 DIM = 16
+# The reference's released codebooks, in shared/ beside the checkout.
+REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "codebooks"
 
 
 def protos(n: int, seed: int) -> tuple[np.ndarray, pa.Table]:
@@ -34,8 +38,7 @@ def protos(n: int, seed: int) -> tuple[np.ndarray, pa.Table]:
 
 def commit(path: Path, seed: int, n: int = 12, parent: int | None = None) -> int:
     vectors, prov = protos(n, seed)
-    return Codebook.at(path).commit(vectors, prov, {"note": f"seed {seed}"}, parent=parent,
-                                    datasets=[{"path": f"/data/{seed}", "candidates": {}}])
+    return Codebook.at(path).commit(vectors, prov, {"note": f"seed {seed}"}, parent=parent)
 
 
 @pytest.fixture
@@ -52,7 +55,7 @@ def test_commit_open_round_trip(book):
     np.testing.assert_array_equal(cb.vectors, vectors)
     assert cb.provenance.equals(prov)
     assert cb.params["note"] == "seed 1" and cb.params["parent"] is None and cb.params["n_prototypes"] == 12
-    assert cb.params["datasets"] == [{"path": "/data/1", "candidates": {}}]
+    assert cb.params["pool"] == []
     manifest = json.loads((book / "manifest.json").read_text())
     assert [v["version"] for v in manifest["versions"]] == [1] and manifest["dim"] == DIM
     assert cb.lookup([3, 0]).column("token_index").to_pylist() == [3, 0]
@@ -74,6 +77,44 @@ def test_versions_are_sequential_and_immutable(book):
         commit(book, seed=4, parent=9)
     with pytest.raises(CodebookError, match="params may not set"):
         Codebook.at(book).commit(*protos(4, 5), {"version": 1})
+
+
+def test_pool_files_are_content_addressed_linked_shared_and_verified(book, tmp_path, monkeypatch):
+    src = tmp_path / "cands.parquet"
+    pq.write_table(pa.table({"key": ["a", "b"]}), src)
+    digest = codebook.sha256_file(src)
+    cb = Codebook.at(book)
+    cb.add_to_pool(src, digest)
+    cb.add_to_pool(src, digest)  # already there: reused
+    entry = {"dataset": "d", "shard": "s", "candidates": digest, "images": None, "n_candidates": 2, "n_images": None}
+    cb.commit(*protos(12, 1), {}, pool=[entry])
+    cb.commit(*protos(12, 2), {}, parent=1, pool=[entry])
+    pooled = book / "pool" / f"{digest}.parquet"
+    assert sorted(p.name for p in (book / "pool").iterdir()) == [pooled.name]  # one file for both versions
+    assert pooled.stat().st_ino == src.stat().st_ino  # hard-linked, not copied
+    assert Codebook.open(book).params["pool"] == [entry] == Codebook.open(book, version=1).params["pool"]
+    assert cb.pool_file(digest, "here") == pooled
+
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"key": ["c"]}), other)
+    with pytest.raises(CodebookError, match="other.parquet changed while the version was built"):
+        cb.add_to_pool(other, digest[::-1])
+
+    def no_link(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(codebook.os, "link", no_link)
+    cb.add_to_pool(other, codebook.sha256_file(other))
+    copied = cb.pool_path(codebook.sha256_file(other))
+    assert copied.read_bytes() == other.read_bytes() and copied.stat().st_ino != other.stat().st_ino
+    assert not [p for p in (book / "pool").iterdir() if p.name.endswith(".tmp")]
+
+    with pytest.raises(CodebookError, match="pool entries name files not in"):
+        cb.commit(*protos(12, 3), {}, pool=[{**entry, "images": "0" * 64}])
+    os.chmod(pooled, 0o644)
+    pooled.write_bytes(other.read_bytes())
+    with pytest.raises(CodebookError, match=f"{pooled.name}: checksum mismatch"):
+        cb.pool_file(digest, "here")
 
 
 def _racer(path, barrier, results, seed):
@@ -221,7 +262,44 @@ def test_export_import_round_trip(book, tmp_path):
     back = Codebook.open(tmp_path / "imported", version=version, expected_dim=DIM)
     np.testing.assert_array_equal(back.vectors, cb.vectors)
     assert back.provenance.select(["key", "token_index"]).equals(cb.provenance.select(["key", "token_index"]))
-    assert back.params["imported_from"]["pt_sha256"] == codebook.sha256_file(pt)
+    assert back.params["imported_from"] == {"pt": "protos.pt", "pt_sha256": codebook.sha256_file(pt), "dtype": "float32",
+                                            "json": "protos.json", "json_sha256": codebook.sha256_file(js)}
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"no reference codebooks at {REFERENCE} (shared/ beside the checkout)")
+@pytest.mark.parametrize("folder", ["llava15-454", "onevision-45"])
+def test_reference_codebooks_round_trip_exactly(tmp_path, folder):
+    """import -> export gives back the released tensor and ids; a second round changes nothing."""
+    import torch
+
+    (pt,) = (REFERENCE / folder).glob("*.pt")
+    js = pt.with_suffix(".json")
+    original = torch.load(pt, map_location="cpu", weights_only=True).detach()
+    import_reference(pt, js, tmp_path / "one", model_id="m")
+    first_cb = Codebook.open(tmp_path / "one")
+    assert first_cb.params["imported_from"] == {"pt": pt.name, "pt_sha256": codebook.sha256_file(pt), "dtype": "float16",
+                                                "json": js.name, "json_sha256": codebook.sha256_file(js)}
+    pt1, js1 = export_reference(first_cb, tmp_path / "out1" / "cb")
+    first = torch.load(pt1, weights_only=True)
+    assert first.dtype == torch.float16 and first.device.type == "cpu" and not first.requires_grad
+    assert torch.equal(first, original)
+    assert json.loads(js1.read_text()) == json.loads(js.read_text())  # bare ids, as released
+
+    import_reference(pt1, js1, tmp_path / "two", model_id="m")
+    pt2, js2 = export_reference(Codebook.open(tmp_path / "two"), tmp_path / "out2" / "cb")
+    second = torch.load(pt2, weights_only=True)
+    assert js2.read_bytes() == js1.read_bytes()
+    assert second.dtype == first.dtype and torch.equal(second, first)
+
+
+def test_import_refuses_values_float32_cannot_hold(tmp_path):
+    import torch
+
+    torch.save(torch.full((2, DIM), 0.5, dtype=torch.float64), tmp_path / "exact.pt")
+    assert load_reference(tmp_path / "exact.pt")[2] == "float64"
+    torch.save(torch.full((2, DIM), 0.1, dtype=torch.float64), tmp_path / "inexact.pt")
+    with pytest.raises(CodebookError, match="inexact.pt: torch.float64 values that float32 does not hold exactly"):
+        load_reference(tmp_path / "inexact.pt")
 
 
 def test_reference_ids_without_token_index(tmp_path):
@@ -229,8 +307,8 @@ def test_reference_ids_without_token_index(tmp_path):
 
     torch.save(torch.ones(2, DIM, dtype=torch.float16), tmp_path / "r.pt")
     (tmp_path / "r.json").write_text('["213546", "297510"]')
-    vectors, prov = load_reference(tmp_path / "r.pt", tmp_path / "r.json")
-    assert vectors.dtype == np.float32 and vectors.shape == (2, DIM)
+    vectors, prov, dtype = load_reference(tmp_path / "r.pt", tmp_path / "r.json")
+    assert vectors.dtype == np.float32 and vectors.shape == (2, DIM) and dtype == "float16"
     assert prov.column("key").to_pylist() == ["213546", "297510"]
     assert prov.column("token_index").to_pylist() == [-1, -1]
     (tmp_path / "short.json").write_text('["1"]')

@@ -1,13 +1,17 @@
-"""Extend (issue 5 item 4): only images the parent version has not seen are probed, and the extended version
-equals a from-scratch build on all the data (same seed).
+"""Extend (issue 5 item 4, issue 12 item 4): only images the parent version has not seen are probed, the
+extended version equals a from-scratch build on all the data (same seed), and the codebook directory alone
+(its candidate pool inside) is enough to extend it.
 
 The fast tests cover key skipping inside a shard, the parent's probe settings being enforced, and the refusals
-that come before any model runs. The Ray test builds v1 on shards A with jobs/build_codebook.py, extends it
-with A+B through jobs/extend_codebook.py on a real loopback head (2 actors, a tiny random LLaVA, loose
-thresholds so candidates appear) and compares v2 with a fresh build of A+B in another codebook.
+that come before any model runs. The Ray test builds v1 on shards A with jobs/build_codebook.py, copies the
+codebook with `cp -r`, deletes A's metrics dataset, extends the copy with A+B through jobs/extend_codebook.py
+(the code of `vrc extend`) on a real loopback head (2 actors, a tiny random LLaVA, loose thresholds so
+candidates appear) and compares v2 with a fresh build of A+B in another codebook.
 """
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,10 +21,10 @@ import pytest
 import webdataset as wds
 
 from vrc_dist.clustering import build_version
-from vrc_dist.codebook import Codebook
+from vrc_dist.codebook import CHECKSUMS, VERSION_FILES, Codebook, sha256_file
 from vrc_dist.config import ClusterConfig, ProbeConfig, to_dict
 from vrc_dist.extend import ExtendError, extend_config, known_images, open_parent, run_extend
-from vrc_dist.metrics_store import TOKEN_FIELDS, Manifest, read_table
+from vrc_dist.metrics_store import TOKEN_FIELDS, Manifest, read_table, table_path
 from vrc_dist.shards import ShardSpec, iter_samples
 from vrc_dist.toy.write_shards import make_shards
 from vrc_dist.worker import process_shard
@@ -107,19 +111,38 @@ def test_extend_config_takes_the_parents_probe_and_refuses_changes(parent, tmp_p
     assert extend_config(parent, None, ["cluster.n_clusters=3"]).cluster.n_clusters == 3  # allowed, warned
 
 
-def test_known_images_and_refusals_before_probing(parent, toy_shard, tmp_path):
-    known = known_images([d["path"] for d in parent.params["datasets"]])
-    assert known.urls == {str(toy_shard): 4} and known.keys == {s.key for s in iter_samples(str(toy_shard))}
-    cfg = extend_config(parent, None, [], shards=[str(toy_shard)], out=str(tmp_path / "new"))
-    with pytest.raises(ExtendError, match="all 1 shards are already in v0001"):
+def test_known_images_come_from_the_pool_alone(parent, toy_shard, tmp_path):
+    pool = parent.params["pool"]
+    images = tmp_path / "a" / "images" / "a.parquet"
+    assert [(e["dataset"], e["shard"], e["images"], e["n_images"]) for e in pool] == [("a", "a", sha256_file(images), 4)]
+    subprocess.run(["cp", "-r", str(parent.path), str(tmp_path / "copy")], check=True)
+    shutil.rmtree(tmp_path / "a")
+    assert known_images(open_parent(tmp_path / "copy")) == {s.key for s in iter_samples(str(toy_shard))}
+
+
+def test_refusals_before_probing(parent, toy_shard, tmp_path):
+    cfg = extend_config(parent, None, [], shards=[str(toy_shard)], out=str(tmp_path / "a"))
+    with pytest.raises(ExtendError, match=r"--out .*/a: shard a of dataset a holds the images of shard a of "
+                                          r"dataset a, already in v0001's pool .*give a new --out"):
         run_extend(cfg, parent)
-    cfg.out = str(tmp_path / "a")
-    with pytest.raises(ExtendError, match="already a dataset of v0001"):
-        run_extend(cfg, parent)
-    assert not (tmp_path / "new").exists()
+    assert Manifest.load(tmp_path / "a").shards.keys() == {"a"}  # nothing was run
     bare = Codebook.at(parent.path)
     bare.commit(parent.vectors, parent.provenance, {"probe": None}, parent=1)
     with pytest.raises(ExtendError, match="records no probe settings"):
+        open_parent(parent.path)
+
+
+def test_a_version_without_a_pool_is_refused(parent):
+    """A version of the format before the pool (params with `datasets` paths) cannot be extended."""
+    vdir = parent.path / "v0001"
+    params = json.loads((vdir / "params.json").read_text())
+    params["datasets"] = [{"path": "/elsewhere/run", "candidates": {}}]
+    del params["pool"]
+    for f in (vdir / "params.json", vdir / CHECKSUMS):
+        os.chmod(f, 0o644)
+    (vdir / "params.json").write_text(json.dumps(params))
+    (vdir / CHECKSUMS).write_text("".join(f"{sha256_file(vdir / f)}  {f}\n" for f in VERSION_FILES))
+    with pytest.raises(ExtendError, match="v0001 of .* predates the codebook format vrc-codebook/2 .*rebuild it"):
         open_parent(parent.path)
 
 
@@ -165,7 +188,9 @@ def test_extend_probes_only_new_images_and_equals_a_fresh_build(head, tmp_path):
 
     job("build_codebook.py", "--model", model, "--shards", str(a / "*.tar"), "--out", str(tmp_path / "mA"),
         "--codebook", str(tmp_path / "cb"), *SETTINGS)
-    r = job("extend_codebook.py", "--codebook", str(tmp_path / "cb"), "--shards", str(a / "*.tar"),
+    subprocess.run(["cp", "-r", str(tmp_path / "cb"), str(tmp_path / "copy")], check=True)
+    shutil.rmtree(tmp_path / "mA")  # the copy must carry its candidate pool
+    r = job("extend_codebook.py", "--codebook", str(tmp_path / "copy"), "--shards", str(a / "*.tar"),
             "--shards", str(b / "*.tar"), "--out", str(tmp_path / "mB"))
     job("build_codebook.py", "--model", model, "--shards", str(a / "*.tar"), "--shards", str(gen[2]),
         "--shards", str(scratch / "mix.tar"), "--out", str(tmp_path / "mAB"), "--codebook",
@@ -173,16 +198,19 @@ def test_extend_probes_only_new_images_and_equals_a_fresh_build(head, tmp_path):
 
     counts = Manifest.load(tmp_path / "mB").data["extend"]
     assert counts["images_probed"] == 4  # |B|: gen[2]'s two images and mix's two new ones
-    assert counts["images_skipped"] == 1  # A's image inside mix.tar
-    assert counts["images_in_parent_shards"] == 4 and sorted(counts["shards_in_parent"]) == ["train-00000",
-                                                                                            "train-00001"]
+    assert counts["images_skipped"] == 5  # A's four, given again, and A's image inside mix.tar
     assert counts["parent"] == 1 and counts["version"] == 2 and "4 images probed" in r.stdout
     assert sorted(read_table(tmp_path / "mB", "images").column("key").to_pylist()) == sorted(
         [s.key for s in iter_samples(str(gen[2]))] + [s.key for s in new])
 
-    extended, fresh = Codebook.open(tmp_path / "cb"), Codebook.open(tmp_path / "fresh")
+    extended, fresh = Codebook.open(tmp_path / "copy"), Codebook.open(tmp_path / "fresh")
     assert extended.version == 2 and extended.params["parent"] == 1 and len(extended.vectors) > 0
     np.testing.assert_array_equal(extended.vectors, fresh.vectors)
     assert extended.provenance.equals(fresh.provenance)
     assert extended.params["clustering"] == fresh.params["clustering"]
-    assert [d["path"] for d in extended.params["datasets"]] == [str(tmp_path / "mA"), str(tmp_path / "mB")]
+    # A's shards, given again, gave no images and so no pool entries
+    assert [(e["dataset"], e["shard"]) for e in extended.params["pool"]] == [
+        ("mA", "train-00000"), ("mA", "train-00001"), ("mB", "mix"), ("mB", "train-00002")]
+    assert extended.params["pool"][3]["candidates"] == sha256_file(table_path(tmp_path / "mB", "candidates",
+                                                                              "train-00002"))
+    assert "/" not in json.dumps(extended.params["pool"]) and "/" not in json.dumps(fresh.params["pool"])

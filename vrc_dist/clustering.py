@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vrc_dist.codebook import PROVENANCE_SCHEMA, Codebook, CodebookError, sha256_file
+from vrc_dist.codebook import FORMAT, PROVENANCE_SCHEMA, Codebook, CodebookError, sha256_file
 from vrc_dist.config import ClusterConfig
 from vrc_dist.dpc import dpc_knn
 
@@ -28,11 +28,12 @@ class ClusteringError(ValueError):
 
 @dataclass
 class CandidatePool:
-    """Every candidate of some metric datasets, sorted by (key, token_index)."""
+    """Every candidate of a parent version's pool and some metric datasets, sorted by (key, token_index)."""
 
     ids: pa.Table  # key, shard, token_index
     vectors: np.ndarray  # float32 [N, D]
-    datasets: list[dict]  # {"path", "candidates": {file name: sha256}}, as recorded in a version
+    entries: list[dict]  # the pool as recorded in a version (codebook module doc): the parent's, then the new
+    sources: dict[str, Path]  # sha256 -> a new dataset's file with that content, to add to the codebook's pool
 
 
 @dataclass
@@ -63,54 +64,93 @@ def _read_candidate_file(path: Path) -> tuple[pa.Table, np.ndarray]:
     return ids, vectors
 
 
-def read_candidates(dataset_dirs: list[str | Path]) -> CandidatePool:
-    """Read `<dir>/candidates/*.parquet` of every dataset; all must share one embedding dimension."""
+def read_candidates(dataset_dirs: list[str | Path], base: Codebook | None = None) -> CandidatePool:
+    """Read the pool of version `base` (each file verified against its sha256) and the candidates of every
+    shard of `dataset_dirs`; all must share one embedding dimension."""
     paths = [Path(d).resolve() for d in dataset_dirs]
     repeated = sorted({str(p) for p in paths if paths.count(p) > 1})
     if repeated:
         raise ClusteringError(f"dataset listed more than once: {repeated}")
-    id_tables, vector_blocks, files, datasets = [], [], [], []
-    dim, dim_source = None, None
+    entries = list(base.params["pool"]) if base is not None else []
+    parent = f"v{base.version:04d}" if base is not None else None
+    files = [base.pool_file(e["candidates"], f"params.json of {parent}") for e in entries]
+    sources: dict[str, Path] = {}
     for d in paths:
-        cand_files = _candidate_files(d)
-        if not cand_files:
-            raise ClusteringError(f"no candidates/*.parquet in metric dataset {d}")
-        datasets.append({"path": str(d), "candidates": {f.name: sha256_file(f) for f in cand_files}})
-        for f in cand_files:
-            ids, vectors = _read_candidate_file(f)
-            if dim is None:
-                dim, dim_source = vectors.shape[1], f
-            elif vectors.shape[1] != dim:
-                raise ClusteringError(f"{f}: vectors have dimension {vectors.shape[1]}, but {dim_source} has {dim}")
-            id_tables.append(ids.append_column("file", pa.array(np.full(ids.num_rows, len(files), np.int32))))
-            vector_blocks.append(vectors)
-            files.append(f)
-    ids = pa.concat_tables(id_tables).append_column("row", pa.array(np.arange(sum(map(len, vector_blocks)))))
-    if ids.num_rows == 0:
+        new, found = dataset_entries(d)
+        if not new:
+            raise ClusteringError(f"no candidates/*.parquet with images in metric dataset {d}")
+        check_new_images(entries, new, f"{parent}'s pool" if parent else "this build")
+        entries += new
+        sources |= found
+        files += [found[e["candidates"]] for e in new]
+    id_tables, vector_blocks = [], []
+    dim, dim_source = None, None
+    for i, f in enumerate(files):
+        ids, vectors = _read_candidate_file(f)
+        if dim is None:
+            dim, dim_source = vectors.shape[1], f
+        elif vectors.shape[1] != dim:
+            raise ClusteringError(f"{f}: vectors have dimension {vectors.shape[1]}, but {dim_source} has {dim}")
+        id_tables.append(ids.append_column("file", pa.array(np.full(ids.num_rows, i, np.int32))))
+        vector_blocks.append(vectors)
+    if not files or sum(map(len, vector_blocks)) == 0:
         raise ClusteringError(f"no candidates in {[str(p) for p in paths]}: nothing to cluster")
+    ids = pa.concat_tables(id_tables).append_column("row", pa.array(np.arange(sum(map(len, vector_blocks)))))
     ids = ids.sort_by([("key", "ascending"), ("token_index", "ascending")])
     _check_unique(ids, files)
     order = ids.column("row").to_numpy()
     vectors = np.concatenate(vector_blocks)[order]
-    return CandidatePool(ids.select(["key", "shard", "token_index"]), vectors, datasets)
+    return CandidatePool(ids.select(["key", "shard", "token_index"]), vectors, entries, sources)
 
 
-def _candidate_files(d: Path) -> list[Path]:
-    """The candidates files that count: with a run manifest, those of the shards it lists as done (a file
-    left by an interrupted or overwritten run is not part of the dataset); without one, every file."""
+def dataset_entries(d: Path) -> tuple[list[dict], dict[str, Path]]:
+    """Pool entries of a metric dataset's shards, and the files behind their digests.
+
+    A shard with no image (extend: every image of it was known) adds nothing and gets no entry; without a
+    run manifest there are no images files, and a candidates file stands alone (`images` null)."""
+    entries, files = [], {}
+    for shard, cand, images in _shard_files(d):
+        n_images = pq.read_metadata(images).num_rows if images else None
+        n_candidates = pq.read_metadata(cand).num_rows
+        if (n_images if images else n_candidates) == 0:
+            continue
+        entry = {"dataset": d.name, "shard": shard, "candidates": sha256_file(cand),
+                 "images": sha256_file(images) if images else None,
+                 "n_candidates": n_candidates, "n_images": n_images}
+        files[entry["candidates"]] = cand
+        if images:
+            files[entry["images"]] = images
+        entries.append(entry)
+    return entries, files
+
+
+def check_new_images(pool: list[dict], new: list[dict], where: str) -> None:
+    """Refuse a shard whose images file is already in the pool: the same images probed into it again."""
+    known = {e["images"]: e for e in pool if e["images"]}
+    for e in new:
+        if e["images"] in known:
+            old = known[e["images"]]
+            raise ClusteringError(f"shard {e['shard']} of dataset {e['dataset']} holds the images of shard "
+                                  f"{old['shard']} of dataset {old['dataset']}, already in {where}")
+
+
+def _shard_files(d: Path) -> list[tuple[str, Path, Path | None]]:
+    """(shard, candidates file, images file) of the shards that count: with a run manifest, those it lists as
+    done (a file left by an interrupted or overwritten run is not part of the dataset); without one, every
+    candidates file, with no images file."""
     from vrc_dist.metrics_store import MANIFEST, Manifest, table_path
 
     if not (d / MANIFEST).exists():
-        return sorted((d / "candidates").glob("*.parquet"))
+        return [(f.stem, f, None) for f in sorted((d / "candidates").glob("*.parquet"))]
     try:
         manifest = Manifest.load(d)
     except ValueError as e:
         raise ClusteringError(str(e)) from None
-    files = [table_path(d, "candidates", s) for s in manifest.done()]
-    missing = [str(f) for f in files if not f.exists()]
+    shards = [(s, table_path(d, "candidates", s), table_path(d, "images", s)) for s in manifest.done()]
+    missing = [str(f) for _, *pair in shards for f in pair if not f.exists()]
     if missing:
-        raise ClusteringError(f"{d / MANIFEST} lists shards as done whose candidates are missing: {missing[:5]}")
-    return sorted(files)
+        raise ClusteringError(f"{d / MANIFEST} lists shards as done whose files are missing: {missing[:5]}")
+    return shards
 
 
 def _check_unique(ids: pa.Table, files: list[Path]) -> None:
@@ -175,27 +215,32 @@ def build_version(codebook_dir: str | Path, dataset_dirs: list[str | Path], clus
                   probe: dict | None = None) -> int:
     """Cluster the candidates of `dataset_dirs` (plus the parent version's pool) and commit the next version.
 
-    With a parent this is *extend*: the parent's datasets are re-read, checked against the checksums recorded
-    at its commit (a changed pool would make the new version silently different from a fresh build), and
+    With a parent this is *extend*: the parent's pool is read from the codebook's pool/, every file checked
+    against its sha256 (a changed pool would make the new version silently different from a fresh build), and
     clustered together with the new datasets. `probe` (probe config, divergence convention) is recorded as given;
     an extension without one inherits the parent's. The codebook is created when it does not exist yet.
     """
     codebook_dir = Path(codebook_dir)
-    previous: list[dict] = []
+    base = None
     if parent is not None:
         base = Codebook.open(codebook_dir, version=parent)
-        if "imported_from" in base.params:
-            raise CodebookError(f"v{parent:04d} of {codebook_dir} was imported and has no candidate pool to extend")
-        previous = base.params["datasets"]
+        check_extendable(base)
         probe = base.params.get("probe") if probe is None else probe
-    pool = read_candidates([d["path"] for d in previous] + list(dataset_dirs))
-    for recorded, current in zip(previous, pool.datasets):
-        if recorded != current:
-            raise CodebookError(f"candidate pool of v{parent:04d} changed since its commit: {recorded['path']} "
-                                f"had files {sorted(recorded['candidates'])}, now {sorted(current['candidates'])} "
-                                "(or their checksums differ)")
+    pool = read_candidates(dataset_dirs, base)
     protos = cluster_candidates(pool, cluster_cfg)
     store = Codebook.open_or_create(codebook_dir, pool.vectors.shape[1],
-                                    f"the candidates of {[d['path'] for d in pool.datasets]}", model_id, name)
+                                    f"the candidates of {[str(d) for d in dataset_dirs]}", model_id, name)
+    for digest, src in pool.sources.items():
+        store.add_to_pool(src, digest)
     params = {"cluster": dataclasses.asdict(cluster_cfg), "probe": probe, "clustering": protos.stats}
-    return store.commit(protos.vectors, protos.provenance, params, parent=parent, datasets=pool.datasets)
+    return store.commit(protos.vectors, protos.provenance, params, parent=parent, pool=pool.entries)
+
+
+def check_extendable(base: Codebook) -> None:
+    """A version extension can start from: one with a candidate pool in the codebook."""
+    where = f"v{base.version:04d} of {base.path}"
+    if "imported_from" in base.params:
+        raise CodebookError(f"{where} was imported and has no candidate pool to extend")
+    if "pool" not in base.params:
+        raise CodebookError(f"{where} predates the codebook format {FORMAT} (its candidate pool lives outside "
+                            "the codebook, if anywhere): rebuild it with `vrc build`")

@@ -1,12 +1,21 @@
 """The versioned codebook store (DESIGN.md §5): immutable versions v0001, v0002, ... of redundant prototypes.
 
 Layout of a codebook directory:
-    manifest.json          name, model id, embedding dim, and an index of the versions
+    manifest.json          format, name, model id, embedding dim, and an index of the versions
+    pool/<sha256>.parquet  the candidate pool, content-addressed: each metric dataset shard's candidates file
+                           (key, shard, token_index, vector float16) and its images file (every image key
+                           seen, ok or error), named by their sha256 and shared by every version that uses them
     v0001/ vectors.npy     prototypes, float32 [N, D], as clustered (not normalised)
            provenance.parquet  key, shard, token_index, cluster, support, cluster_size (one row per prototype)
            index.faiss     IndexFlatIP over the L2-normalised vectors: inner product = cosine
-           params.json     version, parent, created, dim, n_prototypes, datasets, + the caller's params
+           params.json     version, parent, created, dim, n_prototypes, pool, + the caller's params
            SHA256SUMS      sha256 of every other file; written last, so its presence marks a complete version
+
+A version's `pool` lists the whole candidate pool it was clustered from (its parent's entries, then the new
+ones): {"dataset": run directory name, "shard", "candidates": sha256, "images": sha256 or null,
+"n_candidates", "n_images"}. The pool travels with the directory, so a copied codebook can be extended
+anywhere; no path of the machine that built it is recorded. Pool files go in before the version that lists
+them and are never removed, so a crashed commit leaves at most an unlisted (harmless, reused) pool file.
 
 A version is built in a hidden temp directory and published with one `os.rename`, which cannot replace a
 non-empty directory: of two writers racing for the same number exactly one wins. The manifest is only an
@@ -31,11 +40,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vrc_dist.metrics_store import place_atomic
 
 MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
 VERSION_FILES = ("vectors.npy", "provenance.parquet", "index.faiss", "params.json")
-FORMAT = "vrc-codebook/1"
+FORMAT = "vrc-codebook/2"  # /2: the candidate pool lives in pool/ (was: absolute paths of metric datasets)
+POOL = "pool"
 PROVENANCE_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -47,7 +58,7 @@ PROVENANCE_SCHEMA = pa.schema(
     ]
 )
 # params.json keys the store itself writes; a caller's params may not shadow them.
-RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "datasets")
+RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "pool")
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 
 
@@ -92,6 +103,16 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def verify_file(f: Path, digest: str, listed_in: str) -> None:
+    """Raise CodebookError unless `f` exists with sha256 `digest` (as recorded in `listed_in`)."""
+    if not f.is_file():
+        raise CodebookError(f"{f}: missing (listed in {listed_in})")
+    actual = sha256_file(f)
+    if actual != digest:
+        raise CodebookError(f"{f}: checksum mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
+                            "the file changed after commit")
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:
@@ -219,9 +240,43 @@ class Codebook:
         finally:
             os.close(fd)  # releases the lock
 
+    def pool_path(self, digest: str) -> Path:
+        return self.path / POOL / f"{digest}.parquet"
+
+    def pool_file(self, digest: str, listed_in: str) -> Path:
+        """A pool file, verified: its sha256 must be its name."""
+        f = self.pool_path(digest)
+        verify_file(f, digest, listed_in)
+        return f
+
+    def add_to_pool(self, src: Path, digest: str) -> None:
+        """Put `src` (whose sha256 was `digest` when it was read) into the pool, unless a file of that digest is
+        already there. Hard-linked when on the same filesystem (a pool of a million LLaVA-7B candidates is
+        ~8 GB: not copied per codebook), else copied; under a temporary name until its content is checked, so a
+        writer killed mid-copy never leaves a partial file under a digest name."""
+        final = self.pool_path(digest)
+        if final.exists():
+            return
+
+        def fill(tmp: Path) -> None:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another filesystem (EXDEV), or no hard links there
+                shutil.copyfile(src, tmp)
+            found = sha256_file(tmp)
+            if found != digest:
+                raise CodebookError(f"{src} changed while the version was built (sha256 {digest[:12]}... when "
+                                    f"read, {found[:12]}... now); build again")
+            os.chmod(tmp, 0o444)  # a linked source goes read-only too: metric files are replaced, never edited
+
+        place_atomic(final, fill)
+        _fsync(final.parent)
+
     def commit(self, vectors: np.ndarray, provenance: pa.Table, params: dict,
-               parent: int | None = None, datasets: list[dict] | tuple = ()) -> int:
+               parent: int | None = None, pool: list[dict] | tuple = ()) -> int:
         """Publish the next version atomically and return its number.
+
+        `pool` entries (see the module doc) must name files already added with `add_to_pool`.
 
         Raises CodebookError if another writer published that number first: the caller built on a state
         that is no longer the latest, so it must re-read and retry rather than silently overwrite.
@@ -242,13 +297,16 @@ class Codebook:
             provenance = provenance.select(PROVENANCE_SCHEMA.names).cast(PROVENANCE_SCHEMA)
         except (KeyError, pa.ArrowInvalid) as e:
             raise CodebookError(f"provenance must have columns {PROVENANCE_SCHEMA.names}: {e}") from None
+        absent = sorted({d for e in pool for d in (e["candidates"], e["images"]) if d} - self._pool_digests())
+        if absent:
+            raise CodebookError(f"pool entries name files not in {self.path / POOL}: {absent[:3]}")
         existing = self.versions()
         if parent is not None and parent not in existing:
             raise CodebookError(f"parent version {parent} not in {self.path}; available: {_names(existing)}")
         # Numbered after every vNNNN directory, complete or not: a damaged one is skipped, never reused.
         version = max(self._numbered_dirs(), default=0) + 1
         meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
-                "dim": self.dim, "n_prototypes": len(vectors), "datasets": list(datasets)}
+                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool)}
 
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_dir_name(version)}-", dir=self.path))
         try:
@@ -279,6 +337,9 @@ class Codebook:
         self._write_manifest()
         return version
 
+    def _pool_digests(self) -> set[str]:
+        return {f.name.removesuffix(".parquet") for f in (self.path / POOL).glob("*.parquet")}
+
     # ---- one loaded version ----------------------------------------------------------------------------
 
     @classmethod
@@ -306,13 +367,7 @@ class Codebook:
         vdir = self.path / version_dir_name(version)
         sums = _read_checksums(vdir)
         for name, digest in sums.items():
-            f = vdir / name
-            if not f.is_file():
-                raise CodebookError(f"{f}: missing (listed in {CHECKSUMS})")
-            actual = sha256_file(f)
-            if actual != digest:
-                raise CodebookError(f"{f}: checksum mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
-                                    "the file changed after commit")
+            verify_file(vdir / name, digest, CHECKSUMS)
         try:
             vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
         except (ValueError, OSError) as e:  # e.g. an object array: refused, never unpickled
@@ -365,24 +420,28 @@ def _names(versions: list[int]) -> str:
 # ---- interchange with the reference code: a .pt tensor [N, D] and a .json list of sample ids -------------
 
 def export_reference(codebook: Codebook, out_prefix: str | Path) -> tuple[Path, Path]:
-    """Write <prefix>.pt (float32 tensor [N, D]) and <prefix>.json (["key:token_index", ...])."""
+    """Write <prefix>.pt (a CPU tensor [N, D]) and <prefix>.json (sample ids), giving back exactly what an
+    import read: the imported dtype (float32 for a built version) and bare ids where token_index is -1."""
     import torch  # only interchange needs torch
 
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     pt, js = out_prefix.with_name(out_prefix.name + ".pt"), out_prefix.with_name(out_prefix.name + ".json")
-    torch.save(torch.from_numpy(codebook.vectors.copy()), pt)
+    dtype = codebook.params.get("imported_from", {}).get("dtype", "float32")
+    torch.save(torch.from_numpy(codebook.vectors.copy()).to(getattr(torch, dtype)), pt)
     rows = codebook.provenance.select(["key", "token_index"]).to_pylist()
-    js.write_text(json.dumps([f"{r['key']}:{r['token_index']}" for r in rows]) + "\n")
+    ids = [r["key"] if r["token_index"] == -1 else f"{r['key']}:{r['token_index']}" for r in rows]
+    js.write_text(json.dumps(ids) + "\n")
     return pt, js
 
 
-def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple[np.ndarray, pa.Table]:
-    """Read a reference-format codebook into (vectors float32 [N, D], provenance).
+def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple[np.ndarray, pa.Table, str]:
+    """Read a reference-format codebook into (vectors float32 [N, D], provenance, the tensor's dtype name).
 
     `torch.load(weights_only=True)` refuses any pickle global that is not a tensor building block, so a
     crafted file is rejected, never executed. Sample ids "key:token_index" give provenance; the reference's
-    own ids are bare image ids (token_index -1). Cluster and support are unknown (-1).
+    own ids are bare image ids (token_index -1). Cluster and support are unknown (-1). A tensor whose values
+    float32 cannot hold exactly (float64) is refused: export could not give it back.
     """
     import torch
 
@@ -397,10 +456,15 @@ def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple
     if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or not tensor.is_floating_point():
         what = f"tensor {tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise CodebookError(f"{pt}: expected a 2-D float tensor [N, D], got {what}")
-    vectors = tensor.detach().to(torch.float32).numpy()
-    bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    tensor = tensor.detach().cpu()
+    vectors = tensor.to(torch.float32)
+    bad = np.flatnonzero(~np.isfinite(vectors.numpy()).all(axis=1))
     if bad.size:
         raise CodebookError(f"{pt}: {bad.size} row(s) with NaN or inf (rows {bad[:10].tolist()})")
+    if not torch.equal(vectors.to(tensor.dtype), tensor):
+        raise CodebookError(f"{pt}: {tensor.dtype} values that float32 does not hold exactly; convert the "
+                            "tensor to float32 first if that rounding is acceptable")
+    vectors = vectors.numpy()
     n = len(vectors)
     ids = [str(i) for i in range(n)]
     if json_path is not None:
@@ -422,15 +486,16 @@ def load_reference(pt: str | Path, json_path: str | Path | None = None) -> tuple
          unknown, unknown, unknown],
         schema=PROVENANCE_SCHEMA,
     )
-    return vectors, provenance
+    return vectors, provenance, str(tensor.dtype).removeprefix("torch.")
 
 
 def import_reference(pt: str | Path, json_path: str | Path | None, codebook_dir: str | Path,
                      model_id: str | None = None, name: str | None = None) -> int:
     """Commit a reference-format codebook as the next version of `codebook_dir` (created if needed)."""
-    vectors, provenance = load_reference(pt, json_path)
+    vectors, provenance, dtype = load_reference(pt, json_path)
     cb = Codebook.open_or_create(codebook_dir, vectors.shape[1], str(pt), model_id, name)
-    source = {"pt": str(Path(pt).resolve()), "pt_sha256": sha256_file(Path(pt))}
+    # File names and checksums only: a path of this machine would mean nothing where the codebook goes.
+    source = {"pt": Path(pt).name, "pt_sha256": sha256_file(Path(pt)), "dtype": dtype}
     if json_path is not None:
-        source |= {"json": str(Path(json_path).resolve()), "json_sha256": sha256_file(Path(json_path))}
+        source |= {"json": Path(json_path).name, "json_sha256": sha256_file(Path(json_path))}
     return cb.commit(vectors, provenance, {"imported_from": source})

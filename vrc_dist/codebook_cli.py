@@ -67,7 +67,7 @@ def cmd_list(args) -> None:
             p = cb.version_params(v)
             parent = version_dir_name(p["parent"]) if p["parent"] else "-"
             print(f"  {version_dir_name(v)}  parent={parent}  prototypes={p['n_prototypes']}  "
-                  f"datasets={len(p['datasets'])}  {p['created']}")
+                  f"pool={len(p.get('pool', []))} shards  {p['created']}")
         return
     books = sorted(d for d in root.iterdir() if (d / MANIFEST).exists()) if root.is_dir() else []
     if not books:
@@ -89,9 +89,11 @@ def cmd_show(args) -> None:
     print(f"  model {cb.model_id}, dim {cb.dim}, {len(cb.vectors)} prototypes, created {p['created']}")
     print(f"  parent: {version_dir_name(p['parent']) if p['parent'] else 'none'}")
     if "imported_from" in p:
-        print(f"  imported from {p['imported_from']['pt']}")
-    for d in p["datasets"]:
-        print(f"  dataset {d['path']} ({len(d['candidates'])} candidate files)")
+        print(f"  imported from {p['imported_from']['pt']} ({p['imported_from'].get('dtype', 'float32')})")
+    for name, shards in _by_dataset(p.get("pool", [])).items():
+        images = sum(e["n_images"] or 0 for e in shards)
+        print(f"  pool: dataset {name}: {len(shards)} shards, {sum(e['n_candidates'] for e in shards)} candidates"
+              f", {images} images")
     if p.get("cluster"):
         print(f"  cluster: {json.dumps(p['cluster'], sort_keys=True)}")
     if p.get("probe"):
@@ -112,10 +114,10 @@ def cmd_diff(args) -> None:
     def tokens(cb):
         return {f"{r['key']}:{r['token_index']}" for r in cb.provenance.select(["key", "token_index"]).to_pylist()}
 
-    def datasets(cb):
-        return {d["path"] for d in cb.params["datasets"]}
+    def shards(cb):
+        return {f"{e['dataset']}/{e['shard']} ({e['candidates'][:12]})" for e in cb.params.get("pool", [])}
 
-    ignore = {"version", "parent", "created", "datasets", "n_prototypes", "clustering"}
+    ignore = {"version", "parent", "created", "pool", "n_prototypes", "clustering"}
     a, b = _flatten({k: v for k, v in old.params.items() if k not in ignore}), _flatten(
         {k: v for k, v in new.params.items() if k not in ignore})
     report = {
@@ -123,7 +125,7 @@ def cmd_diff(args) -> None:
         "prototypes": {"old": len(old.vectors), "new": len(new.vectors),
                        "added": len(tokens(new) - tokens(old)), "removed": len(tokens(old) - tokens(new)),
                        "common": len(tokens(old) & tokens(new))},
-        "datasets": {"added": sorted(datasets(new) - datasets(old)), "removed": sorted(datasets(old) - datasets(new))},
+        "pool": {"added": sorted(shards(new) - shards(old)), "removed": sorted(shards(old) - shards(new))},
         "params_changed": {k: {"old": a.get(k), "new": b.get(k)} for k in sorted(a.keys() | b.keys())
                            if a.get(k) != b.get(k)},
     }
@@ -133,12 +135,19 @@ def cmd_diff(args) -> None:
     pr = report["prototypes"]
     print(f"{version_dir_name(old.version)} -> {version_dir_name(new.version)}: prototypes {pr['old']} -> {pr['new']} "
           f"(+{pr['added']} -{pr['removed']}, {pr['common']} common tokens)")
-    for d in report["datasets"]["added"]:
-        print(f"  + dataset {d}")
-    for d in report["datasets"]["removed"]:
-        print(f"  - dataset {d}")
+    for d in report["pool"]["added"]:
+        print(f"  + pool shard {d}")
+    for d in report["pool"]["removed"]:
+        print(f"  - pool shard {d}")
     for k, change in report["params_changed"].items():
         print(f"  {k}: {json.dumps(change['old'], sort_keys=True)} -> {json.dumps(change['new'], sort_keys=True)}")
+
+
+def _by_dataset(pool: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for e in pool:
+        out.setdefault(e["dataset"], []).append(e)
+    return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -11,7 +11,9 @@ files left by a killed writer; files of shards the manifest does not count are r
 
 Codebook directory (codebook): manifest fields; every vNNNN directory complete (SHA256SUMS) with matching
 checksums; manifest versions vs directories; vectors [N, dim], finite; provenance, FAISS index and
-params.json consistent with them; temporary directories left by a crashed commit.
+params.json consistent with them; temporary directories left by a crashed commit; every pool file's sha256
+equal to its name, every version's pool entries present, pool files no version lists and temporary pool
+files (both left by a crashed commit, harmless) reported.
 """
 from __future__ import annotations
 
@@ -94,7 +96,11 @@ def check(path: str | Path) -> tuple[str | None, list[Finding]]:
         try:
             data = json.loads((path / "manifest.json").read_text())
             fmt = data.get("format") if isinstance(data, dict) else None
-            report.error(path / "manifest.json", f"unknown format {fmt!r}: not a vrc-dist metrics or codebook manifest")
+            from vrc_dist.codebook import FORMAT
+
+            report.error(path / "manifest.json", f"codebook format {fmt!r}, this code reads {FORMAT!r}: rebuild it"
+                         if str(fmt).startswith("vrc-codebook/") else
+                         f"unknown format {fmt!r}: not a vrc-dist metrics or codebook manifest")
         except (OSError, ValueError) as e:
             report.error(path / "manifest.json", f"not valid JSON: {e}")
     return kind, report.findings
@@ -342,6 +348,38 @@ def check_codebook(path: Path, report: _Report) -> None:
                            "commit; readers use the directories)")
     if not complete:
         report.warn(path, "no complete versions")
+    _check_pool(path, complete, report, cb)
+
+
+def _check_pool(path: Path, versions: dict[int, Path], report: _Report, cb) -> None:
+    files = {}  # digest -> pool file named by it
+    for f in sorted((path / cb.POOL).iterdir()) if (path / cb.POOL).is_dir() else []:
+        if f.name.endswith(".tmp"):
+            report.warn(f, "temporary file of an interrupted pool write (ignored by readers; safe to delete when "
+                           "no commit is running)")
+        elif not re.fullmatch(r"[0-9a-f]{64}\.parquet", f.name):
+            report.warn(f, "not a pool file (<sha256>.parquet): ignored by readers")
+        else:
+            files[f.name.removesuffix(".parquet")] = f
+            if cb.sha256_file(f) != f.name.removesuffix(".parquet"):
+                report.error(f, "checksum mismatch: the pool file changed after it was added")
+    listed = set()
+    for vdir in versions.values():
+        try:
+            pool = json.loads((vdir / "params.json").read_text()).get("pool")
+        except ValueError:
+            continue  # reported with the version
+        if not isinstance(pool, list) or not all(isinstance(e, dict) for e in pool):
+            report.error(vdir / "params.json", f"no candidate pool list (a format before {cb.FORMAT}?): rebuild it")
+            continue
+        digests = {d for e in pool for d in (e.get("candidates"), e.get("images")) if d}
+        listed |= digests
+        if digests - files.keys():
+            report.error(vdir / "params.json",
+                         f"pool files missing from {path / cb.POOL}: {_examples(sorted(digests - files.keys()))}")
+    for digest in sorted(files.keys() - listed):
+        report.warn(files[digest], "in no version's pool (left by an interrupted commit; a commit of the same "
+                                   "shard reuses it)")
 
 
 def _check_version(vdir: Path, v: int, dim: int, sums: dict, numbers: set, report: _Report, faiss, cb) -> None:

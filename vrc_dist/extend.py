@@ -1,10 +1,12 @@
 """Extend a codebook (DESIGN.md §5): probe only images its parent version has not seen, then re-cluster the
 parent's candidate pool plus the new candidates and commit the next version.
 
-The parent version's params record the metric datasets it was built from. Their manifests name the shards
-they hold (skipped whole when given again: same URL, status done) and their `images` tables the image keys
-(skipped one by one inside a new shard, so an image is never probed, or clustered, twice). Keys are image
-identity here, as in clustering and provenance: two different images with one key count as one.
+The parent version's pool lives in the codebook directory (vrc_dist/codebook.py), so extension needs nothing
+but the codebook and the new shards. The pool's images files give the image keys already seen, ok or error:
+those are skipped one by one (so an image is never probed, or clustered, twice). A shard given again is read,
+but all its images are skipped: shards are not recognised by URL, which would tie the codebook to the paths
+of the machine that built it. Keys are image identity here, as in clustering and provenance: two different
+images with one key count as one.
 
 The probe settings are the parent's, always: a different model or different thresholds would mix two kinds
 of candidates in one pool. A config or `--set` that changes them (anything but the speed-only
@@ -15,16 +17,17 @@ new version is no longer what a fresh build with the parent's settings gives.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from vrc_dist import build, config
-from vrc_dist.codebook import Codebook, parse_version
+from vrc_dist.clustering import ClusteringError, build_version, check_extendable, check_new_images, dataset_entries
+from vrc_dist.codebook import Codebook, CodebookError, parse_version
 from vrc_dist.config import BuildConfig, ConfigError, to_dict
-from vrc_dist.metrics_store import Manifest, read_table
-from vrc_dist.shards import expand_shards
+from vrc_dist.metrics_store import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,26 +36,17 @@ class ExtendError(ValueError):
     """The extension cannot be made as asked (nothing new, a changed probe, an unusable parent)."""
 
 
-@dataclasses.dataclass
-class Known:
-    """What the parent's datasets already hold."""
-
-    urls: dict[str, int]  # shard URL (status done) -> images it held (ok + error)
-    keys: frozenset[str]  # image keys, ok or error
-
-
 def open_parent(codebook: str | Path, parent: int | str | None = None) -> Codebook:
     """The parent version (default: the latest), verified, with the probe settings extension needs."""
     base = Codebook.open(codebook, version=None if parent is None else parse_version(parent))
-    where = f"v{base.version:04d} of {base.path}"
-    if "imported_from" in base.params:
-        raise ExtendError(f"{where} was imported and has no candidate pool to extend")
+    try:
+        check_extendable(base)
+    except CodebookError as e:
+        raise ExtendError(str(e)) from None
     probe = base.params.get("probe")
     if not isinstance(probe, dict) or "model" not in probe:
-        raise ExtendError(f"{where} records no probe settings ({probe!r}), so new images cannot be probed "
-                          "the way its candidates were; build a fresh codebook instead")
-    if not base.params.get("datasets"):
-        raise ExtendError(f"{where} records no metric datasets")
+        raise ExtendError(f"v{base.version:04d} of {base.path} records no probe settings ({probe!r}), so new "
+                          "images cannot be probed the way its candidates were; build a fresh codebook instead")
     return base
 
 
@@ -94,26 +88,14 @@ def extend_config(parent: Codebook, config_path: str | None = None, overrides: l
     return cfg
 
 
-def known_images(dataset_dirs: list[str]) -> Known:
-    """Shard URLs and image keys already in the parent's metric datasets."""
-    urls: dict[str, int] = {}
+def known_images(parent: Codebook) -> frozenset[str]:
+    """Image keys in the parent's pool, ok or error (from its images files; a candidates file stands in for a
+    dataset that had none)."""
     keys: set[str] = set()
-    for d in dataset_dirs:
-        manifest = Manifest.load(d)
-        if manifest is None:  # a bare candidates directory: its candidates' keys are all there is to know
-            if not (Path(d) / "candidates").is_dir():
-                raise ExtendError(f"parent dataset {d} is gone (no manifest.json, no candidates/)")
-            log.warning("parent dataset %s has no manifest: skipping by candidate keys only", d)
-            import pyarrow.parquet as pq
-
-            for f in sorted((Path(d) / "candidates").glob("*.parquet")):
-                keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
-            continue
-        for entry in manifest.shards.values():
-            if entry["status"] == "done":
-                urls[entry["url"]] = entry["images_ok"] + entry["images_error"]
-        keys.update(read_table(d, "images", ["key"]).column("key").to_pylist())
-    return Known(urls, frozenset(keys))
+    for e in parent.params["pool"]:
+        f = parent.pool_file(e["images"] or e["candidates"], f"params.json of v{parent.version:04d}")
+        keys.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+    return frozenset(keys)
 
 
 def run_extend(cfg: BuildConfig, parent: Codebook) -> dict:
@@ -122,37 +104,28 @@ def run_extend(cfg: BuildConfig, parent: Codebook) -> dict:
     Returns the metrics summary with `extend` (the counts also written to the run's manifest) and `version`.
     """
     where = f"v{parent.version:04d}"
-    datasets = [d["path"] for d in parent.params["datasets"]]
     out = Path(cfg.out).resolve()
-    if str(out) in datasets:
-        raise ExtendError(f"--out {out} is already a dataset of {where} (was this extension committed as "
-                          f"{where}?); give a new --out")
-    known = known_images(datasets)
-    specs = expand_shards(cfg.shards)
-    present = [s for s in specs if s.url in known.urls]
-    todo = [s for s in specs if s.url not in known.urls]
-    if not todo:
-        raise ExtendError(f"all {len(specs)} shards are already in {where}'s datasets: nothing new to extend with")
-    log.info("extending %s of %s: %d shards already in it, %d to read; %d known image keys skipped inside them",
-             where, parent.path, len(present), len(todo), len(known.keys))
+    if Manifest.load(out) is not None:  # a resumed extension, or an --out that is already in the pool
+        try:
+            check_new_images(parent.params["pool"], dataset_entries(out)[0], f"{where}'s pool")
+        except ClusteringError as e:
+            raise ExtendError(f"--out {out}: {e} (was this extension committed as {where}?); give a new --out") \
+                from None
+    known = known_images(parent)
+    log.info("extending %s of %s: %d known image keys are skipped", where, parent.path, len(known))
 
-    summary = build.run_metrics(cfg, todo, known.keys)
+    summary = build.run_metrics(cfg, skip_keys=known)
     manifest = Manifest.load(out)
     done = [manifest.shards[n] for n in manifest.done()]
     counts = {
         "codebook": str(parent.path),
         "parent": parent.version,
-        "parent_datasets": datasets,
-        "shards_in_parent": {s.name: s.url for s in present},
-        "images_in_parent_shards": sum(known.urls[s.url] for s in present),  # not read at all
         "images_skipped": sum(e.get("images_skipped", 0) for e in done),  # read, key known: not probed
         "images_probed": sum(e["images_ok"] + e["images_error"] for e in done),
         "version": None,
     }
     manifest.data["extend"] = counts
     manifest.save()
-
-    from vrc_dist.clustering import build_version
 
     model_id = (manifest.data.get("model_info") or {}).get("model_id")
     version = build_version(parent.path, [out], cfg.cluster, parent=parent.version, model_id=model_id,
@@ -165,8 +138,7 @@ def run_extend(cfg: BuildConfig, parent: Codebook) -> dict:
 
 def format_extend(summary: dict) -> str:
     e = summary["extend"]
-    return (f"extend: {e['images_probed']} images probed; skipped {e['images_skipped']} known images in new shards "
-            f"and {len(e['shards_in_parent'])} shards ({e['images_in_parent_shards']} images) already in "
+    return (f"extend: {e['images_probed']} images probed; skipped {e['images_skipped']} images already in "
             f"v{e['parent']:04d}\ncodebook: {e['codebook']} v{summary['version']:04d} (parent v{e['parent']:04d})")
 
 
@@ -177,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codebook", required=True, help="codebook directory to extend")
     p.add_argument("--parent", help="version to extend (default: the latest)")
     p.add_argument("--shards", action="append", required=True,
-                   help="shard glob, brace pattern or URL (repeatable); shards and images the parent has are skipped")
+                   help="shard glob, brace pattern or URL (repeatable); images the parent has are skipped")
     p.add_argument("--out", required=True, help="new output directory for the new images' metrics dataset")
     p.add_argument("--actors", type=int, help="number of probe actors (default: one per GPU, else 2)")
     p.add_argument("--config", help="YAML/TOML BuildConfig; probe settings must equal the parent's")

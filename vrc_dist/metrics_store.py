@@ -89,16 +89,22 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_atomic(path: str | Path, data: bytes) -> None:
+def place_atomic(path: str | Path, fill) -> None:
+    """Make `path` by `fill(temp path)` under a temporary name beside it, then fsync and rename: a reader,
+    or a retry after a crash, sees the whole file or none."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(path)
     try:
-        tmp.write_bytes(data)
+        fill(tmp)
         _fsync_replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: str | Path, data: bytes) -> None:
+    place_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 # --- one shard's tables --------------------------------------------------------------------------------

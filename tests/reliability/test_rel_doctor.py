@@ -112,15 +112,39 @@ def test_not_an_output(tmp_path, capsys):
 
 @pytest.fixture
 def book(tmp_path):
-    from vrc_dist.codebook import PROVENANCE_SCHEMA, Codebook
+    """Two versions; v0002 lists one candidates file in the pool."""
+    from vrc_dist.codebook import PROVENANCE_SCHEMA, Codebook, sha256_file
 
     cb = Codebook.create(tmp_path / "cb", "t", "m", 4)
+    src = tmp_path / "candidates.parquet"
+    pq.write_table(pa.table({"key": list("abc")}), src)
+    cb.add_to_pool(src, sha256_file(src))
+    pool = [{"dataset": "d", "shard": "s", "candidates": sha256_file(src), "images": None, "n_candidates": 3,
+             "n_images": None}]
     rng = np.random.default_rng(0)
-    for _ in range(2):
+    for entries in ([], pool):
         prov = pa.table({"key": list("abc"), "shard": ["s"] * 3, "token_index": [0, 1, 2], "cluster": [0] * 3,
                          "support": [1] * 3, "cluster_size": [1] * 3}).cast(PROVENANCE_SCHEMA)
-        cb.commit(rng.random((3, 4)).astype(np.float32), prov, {})
+        cb.commit(rng.random((3, 4)).astype(np.float32), prov, {}, pool=entries)
     return tmp_path / "cb"
+
+
+def _pool_file(book):
+    (f,) = (book / "pool").glob("*.parquet")
+    return f
+
+
+def _orphan(book):
+    from vrc_dist.codebook import Codebook, sha256_file
+
+    src = book.parent / "added-then-crashed.parquet"
+    pq.write_table(pa.table({"key": ["z"]}), src)
+    Codebook.at(book).add_to_pool(src, sha256_file(src))
+
+
+def _old_format(book):
+    manifest = json.loads((book / "manifest.json").read_text())
+    (book / "manifest.json").write_text(json.dumps({**manifest, "format": "vrc-codebook/1"}))
 
 
 def _writable(p):
@@ -154,6 +178,14 @@ BOOK_DAMAGE = {
     "wrong dimension (checksums redone)": (_wrong_dim, 1, "shape (3, 5), expected [N, 4]"),
     "incomplete version dir": (lambda b: (b / "v0003").mkdir(), 0, "incomplete version"),
     "temp dir of a crashed commit": (lambda b: (b / ".tmp-v0003-xyz").mkdir(), 0, "interrupted commit"),
+    "pool file tampered": (lambda b: _writable(_pool_file(b)).write_bytes(b"x"), 1,
+                           "checksum mismatch: the pool file changed after it was added"),
+    "pool file deleted": (lambda b: os.remove(_pool_file(b)), 1, "pool files missing from"),
+    "orphan pool file of a crashed commit": (_orphan, 0, "in no version's pool"),
+    "temp file of a crashed pool write": (lambda b: (b / "pool" / ".x.parquet.abc.tmp").write_bytes(b"half"), 0,
+                                          "interrupted pool write"),
+    "format before the pool": (_old_format, 1, "codebook format 'vrc-codebook/1', this code reads 'vrc-codebook/2': "
+                                               "rebuild it"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Faults that need no Ray: a codebook commit killed at each step, and a full disk under the metrics writer.
+"""Faults that need no Ray: a codebook commit killed at each step (of the version, and of adding a file to the
+candidate pool), and a full disk under the metrics writer.
 
 Kills are real (os._exit in a child process: no finally, no cleanup), not exceptions. The full disk is a
 real size-limited tmpfs mounted for the test (needs root; skipped with the reason otherwise).
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from rel_helpers import FakeProber, child_env, doctor_errors, png, raw_tar, run_local
 
@@ -88,6 +90,65 @@ def test_commit_killed_at_each_step_keeps_every_version_loadable(tmp_path, step)
     assert nxt == (3 if published else 2)
     listed = [v["version"] for v in json.loads((book / "manifest.json").read_text())["versions"]]
     assert listed == Codebook.at(book).versions() and nxt in listed
+    assert doctor_errors(book) == []
+
+
+POOL_CHILD = textwrap.dedent("""
+    import errno, os, sys, pathlib
+    import numpy as np, pyarrow as pa
+    from vrc_dist import codebook
+    from vrc_dist.codebook import Codebook, PROVENANCE_SCHEMA
+    book, src, step = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
+    def die(*a, **k):
+        os._exit(17)
+    def no_link(*a, **k):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+    def half_copy(s, d):  # dies with half the file written under the temporary name
+        data = pathlib.Path(s).read_bytes()
+        pathlib.Path(d).write_bytes(data[: len(data) // 2])
+        os._exit(17)
+    if step == "copying":
+        codebook.os.link, codebook.shutil.copyfile = no_link, half_copy
+    elif step == "linking":
+        codebook.os.link = die
+    elif step == "renaming into place":
+        codebook.os.replace = die
+    elif step == "fsyncing the pool directory":
+        codebook._fsync = die
+    digest = codebook.sha256_file(src)
+    cb = Codebook.at(book)
+    cb.add_to_pool(src, digest)
+    entry = {"dataset": "d", "shard": "s", "candidates": digest, "images": None, "n_candidates": 3, "n_images": None}
+    prov = pa.table({"key": list("xyz"), "shard": ["s"] * 3, "token_index": [0, 1, 2], "cluster": [0] * 3,
+                     "support": [1] * 3, "cluster_size": [1] * 3}).cast(PROVENANCE_SCHEMA)
+    cb.commit(np.full((3, 4), 2.0, np.float32), prov, {"note": "v2"}, parent=1, pool=[entry])
+""")
+
+
+@pytest.mark.parametrize("step", ["linking", "copying", "renaming into place", "fsyncing the pool directory"])
+def test_pool_write_killed_at_each_step_leaves_no_partial_pool_file(tmp_path, step):
+    from vrc_dist.codebook import sha256_file
+
+    book, src = tmp_path / "cb", tmp_path / "candidates.parquet"
+    Codebook.create(book, "t", "m", 4).commit(np.ones((3, 4), np.float32), _prov(), {"note": "v1"})
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(1000)]}), src)
+
+    def child(step):
+        return subprocess.run([sys.executable, "-c", POOL_CHILD, str(book), str(src), step], env=child_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    proc = child(step)
+    assert proc.returncode == 17, f"the pool write did not die at {step}: rc {proc.returncode} {proc.stderr[-2000:]}"
+    pooled = [f for f in (book / "pool").iterdir() if not f.name.endswith(".tmp")]
+    assert [f.name for f in pooled] == ([f"{sha256_file(src)}.parquet"] if step == "fsyncing the pool directory" else [])
+    assert all(sha256_file(f) == f.name.removesuffix(".parquet") for f in pooled)  # whole, or not under its name
+    assert Codebook.at(book).versions() == [1]
+    assert doctor_errors(book) == [], "the doctor calls a crash-consistent state broken"
+    # The next writer carries on, reusing a pool file that made it into place.
+    proc = child("none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    latest = Codebook.open(book)
+    assert latest.version == 2 and latest.pool_file(sha256_file(src), "v0002").read_bytes() == src.read_bytes()
     assert doctor_errors(book) == []
 
 
