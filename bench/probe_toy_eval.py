@@ -86,7 +86,7 @@ def main(argv=None) -> None:
     source.add_argument("--render", help="SPLIT:COUNT, rendered directly from the toy world")
     p.add_argument("--limit", type=int, default=60, help="images taken from the shards")
     p.add_argument("--max-shards", type=int, default=100)
-    p.add_argument("--config", help="ProbeConfig YAML (default: reference values, model toy)")
+    p.add_argument("--config", help="ProbeConfig YAML (default: vrc_dist/configs/toy.yaml's probe section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--calibrate", action="store_true")
     p.add_argument("--target", type=float, default=0.95, help="precision the calibration must keep")
