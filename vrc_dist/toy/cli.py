@@ -1,4 +1,4 @@
-"""`vrc toy make-shards | train | eval`: the embedded default world and model."""
+"""`vrc toy make-shards | make-image | train | eval`: the embedded default world and model."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,17 @@ def _make_shards(args) -> int:
 
     paths = make_shards(args.out, args.shards, args.per_shard, seed=args.seed, split=args.split, progress=True)
     print(f"wrote {len(paths)} {args.split} shards x {args.per_shard} images to {args.out}")
+    return 0
+
+
+def _make_image(args) -> int:
+    from vrc_dist.toy.world import render
+
+    image, meta = render(args.split, args.seed, 0, args.index)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG")
+    print(f"wrote {out}: toy image {meta['key']}, answer {meta['answer']!r}")
     return 0
 
 
@@ -56,6 +67,13 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("train", "eval"), default="train")
     p.set_defaults(func=_make_shards)
+
+    p = toy.add_parser("make-image", help="write one toy image as a PNG (for `vrc probe` and `vrc codebook query`)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", type=int, default=0, help="which image of the seed's first shard")
+    p.add_argument("--split", choices=("train", "eval"), default="eval")
+    p.set_defaults(func=_make_image)
 
     p = toy.add_parser("train", help="train the tiny LLaVA on train shards (CPU, minutes)")
     p.add_argument("--shards", action="append", help=f"{SHARDS_HELP}; toy samples (default: the config's, else out/toy/train)")
