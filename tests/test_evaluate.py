@@ -41,7 +41,8 @@ def test_eval_cli_writes_table_csv_and_plot(tmp_path):
     make_shards(shards, 1, 4, seed=100, split="eval")
     out = tmp_path / "out"
     code = main(["eval", "--model", str(model), "--codebook", str(tiny_codebook(tmp_path / "cb")),
-                 "--shards", str(shards / "*.tar"), "--keep", "1.0,0.5,0.2", "--methods", "codebook,random,cls,fastv,pool",
+                 "--shards", str(shards / "*.tar"), "--keep", "1.0,0.5,0.2",
+                 "--methods", "codebook,random,cls,fastv,pool",
                  "--out", str(out), "--fastv-layer", "1", "--batch-size", "7", "--repeats", "1"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "results.csv")))

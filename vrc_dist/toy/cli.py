@@ -76,7 +76,8 @@ def register(sub) -> None:
     p.set_defaults(func=_make_image)
 
     p = toy.add_parser("train", help="train the tiny LLaVA on train shards (CPU, minutes)")
-    p.add_argument("--shards", action="append", help=f"{SHARDS_HELP}; toy samples (default: the config's, else out/toy/train)")
+    p.add_argument("--shards", action="append",
+                   help=f"{SHARDS_HELP}; toy samples (default: the config's, else out/toy/train)")
     p.add_argument("--out", default=str(TOY_MODEL_DIR))
     p.add_argument("--config", help="YAML/TOML TrainConfig")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
