@@ -13,21 +13,23 @@ and the precision of candidate tokens being background. `--calibrate` instead se
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from vrc_dist.config import load_probe_config
 from vrc_dist.probe import Prober
+from vrc_dist.shards import SHARDS_HELP
 
 
 def samples_from(args):
     """(image, mask [gh, gw]) pairs, from shards or rendered directly (the same samples either way)."""
     if args.shards:
-        from vrc_dist.toy.data import load_shard_samples
+        from vrc_dist.shards import expand_shards
+        from vrc_dist.toy.data import load_toy_samples
 
-        for s in load_shard_samples(sorted(Path(args.shards).glob("*.tar"))[: args.max_shards])[: args.limit]:
+        urls = [spec.url for spec in expand_shards(args.shards)][: args.max_shards]
+        for s in load_toy_samples(urls)[: args.limit]:
             yield Image.fromarray(s["image"]), np.asarray(s["meta"]["mask"])
     else:
         from vrc_dist.toy.world import render
@@ -82,11 +84,11 @@ def calibrate(t: dict[str, np.ndarray], target: float) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", help="directory of toy .tar shards")
+    source.add_argument("--shards", action="append", help=SHARDS_HELP)
     source.add_argument("--render", help="SPLIT:COUNT, rendered directly from the toy world")
     p.add_argument("--limit", type=int, default=60, help="images taken from the shards")
     p.add_argument("--max-shards", type=int, default=100)
-    p.add_argument("--config", help="ProbeConfig YAML (default: reference values, model toy)")
+    p.add_argument("--config", help="ProbeConfig YAML (default: vrc_dist/configs/toy.yaml's probe section)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--calibrate", action="store_true")
     p.add_argument("--target", type=float, default=0.95, help="precision the calibration must keep")

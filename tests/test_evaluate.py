@@ -13,7 +13,7 @@ from vrc_dist.cli import main
 from vrc_dist.codebook import Codebook, resolve_path
 from vrc_dist.evaluate import add_intervals, evaluate, layer_flops, prefill_flops
 from vrc_dist.toy import TOY_MODEL_DIR
-from vrc_dist.toy.data import load_shard_samples
+from vrc_dist.toy.data import load_toy_samples
 from vrc_dist.toy.write_shards import make_shards
 
 
@@ -42,7 +42,7 @@ def test_eval_cli_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "out"
     methods = ("codebook", "codebook-null", "random", "cls", "fastv", "pool")
     code = main(["eval", "--model", str(model), "--codebook", str(tiny_codebook(tmp_path / "cb")),
-                 "--shards", str(shards), "--keep", "1.0,0.5,0.2", "--methods", ",".join(methods),
+                 "--shards", str(shards / "*.tar"), "--keep", "1.0,0.5,0.2", "--methods", ",".join(methods),
                  "--out", str(out), "--fastv-layer", "1", "--batch-size", "7", "--repeats", "1"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -61,8 +61,10 @@ def test_eval_cli_writes_table_csv_and_plot(tmp_path):
         assert float(mine[0]["prefill_gflops"]) > float(mine[1]["prefill_gflops"]) > float(mine[2]["prefill_gflops"])
         assert all(0 < float(r["select_ms"]) < float(r["llm_prefill_ms"]) for r in mine)  # a part of the LLM time
     assert (out / "accuracy_vs_kept.png").stat().st_size > 1000
-    assert "| codebook | 1 | 25 |" in (out / "results.md").read_text()
-    questions = sum(len(s["meta"]["qa"]) for s in load_shard_samples(sorted(shards.glob("*.tar"))))
+    table = (out / "results.md").read_text()
+    assert "| codebook | 1 | 25 |" in table
+    assert f"--shards '{shards}/*.tar'" in table  # the glob stays quoted in the command the table names
+    questions = sum(len(s["meta"]["qa"]) for s in load_toy_samples(shards))
     assert json.loads((out / "results.json").read_text())[0]["questions"] == questions
 
 
@@ -103,7 +105,7 @@ def test_toy_eval_split_controls_and_the_diverse_rule(tmp_path):
     from vrc_dist.toy.evaluate import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
-    samples = load_shard_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval"))
+    samples = load_toy_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval"))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
     unpruned = evaluate(model, processor, samples, ["random"], [1.0], repeats=1)[0]
     baselines = ["codebook", "random", "cls", "pool", "fastv"]  # FastV at its paper's K=2

@@ -212,3 +212,31 @@ def test_toy_candidates_are_background(toy_prober):
     # Not asserted: the divergence score. This toy model's answer on a region of background is nearly
     # flat, so leaving one token out moves it more than it moves a confident answer on an object
     # (median score 0.026 vs 0.0005 on 60 eval images); top1_prob is what separates them here.
+
+
+def test_the_toy_model_defaults_to_its_calibrated_config(tmp_path):
+    """Without --config the toy model probes with vrc_dist/configs/toy.yaml (the 7B reference thresholds
+    find no candidates on it); other models keep the reference defaults; a file given is taken as is."""
+    from vrc_dist.config import load_probe_config, read_config_file
+
+    toy = read_config_file(TOY_CONFIG)["probe"]
+    calibrated = ("jsd_thres", "top1_thres", "cluster_size_thres", "pad_token_id")
+    for cfg in (load_probe_config(), load_probe_config(None, ["model=toy"])):
+        assert {k: getattr(cfg, k) for k in calibrated} == {k: toy[k] for k in calibrated}
+    assert load_probe_config(None, ["model=toy", "top1_thres=0.5"]).top1_thres == 0.5  # overrides still win
+    assert load_probe_config(None, ["model=/ckpt/llava-7b"]) == ProbeConfig(model="/ckpt/llava-7b")
+    plain = tmp_path / "probe.yaml"
+    plain.write_text("model: toy\n")
+    assert load_probe_config(plain) == ProbeConfig()
+
+
+def test_vrc_probe_on_the_toy_model_finds_candidates_without_a_config(tmp_path, capsys):
+    from vrc_dist.cli import main
+    from vrc_dist.toy.world import render
+
+    toy_config()  # skips without the toy checkpoint
+    image = tmp_path / "img.png"
+    render("eval", 0, 1, 0)[0].save(image)
+    assert main(["probe", "--model", "toy", "--image", str(image), "--set", "device=cpu"]) == 0
+    summary = capsys.readouterr().out.splitlines()[0]
+    assert int(summary.split(" candidates")[0].rsplit(" ", 1)[1]) > 0, summary

@@ -77,3 +77,22 @@ def test_report_writes_linked_pictures(tmp_path):
 def test_report_on_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no metrics manifest" in capsys.readouterr().err
+
+
+def test_report_finds_pixels_through_any_shards_form_and_names_missing_images(tmp_path, monkeypatch, capsys):
+    from vrc_dist import report
+
+    run, keys = make_run(tmp_path, tiny_models.save("llava", tmp_path / "model"))
+    drawn = {}
+    monkeypatch.setattr(report, "plot_overlay", lambda key, *a: drawn.__setitem__(key, a[3] is not None))
+    assert main(["report", str(run), "--shards", str(tmp_path / "shards" / "*.tar")]) == 0
+    assert drawn == {k: True for k in keys}  # every overlay on its pixels
+    assert "Warning" not in (run / "report" / "index.md").read_text()
+
+    other = make_shards(tmp_path / "other", 1, 2, seed=8, split="eval")
+    assert main(["report", str(run), "--shards", str(other[0])]) == 2
+    assert f"3 of 3 images not found in --shards {other[0]} ({keys[0]}" in capsys.readouterr().err
+
+    (tmp_path / "shards" / "eval-00000.tar").unlink()  # the run's own shard moved: overlays without pixels, said so
+    assert main(["report", str(run)]) == 0
+    assert "Warning: 3 of 3 images not found in the run's recorded shards" in (run / "report" / "index.md").read_text()

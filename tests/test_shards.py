@@ -44,6 +44,23 @@ def test_expand_braces_globs_and_literals(tmp_path):
     assert [s.name for s in specs] == ["train-001", "train-000", "train-002", "gone"]
 
 
+def test_every_form_names_the_same_shards(tmp_path):
+    """The forms every command's --shards accepts (one function, vrc_dist.shards.expand_shards)."""
+    d = tmp_path / "dir"
+    d.mkdir()
+    for i in range(3):
+        write_shard(d / f"train-{i:03d}.tar", 1)
+    (d / "notes.txt").write_text("not a shard")
+    want = [str(d / f"train-{i:03d}.tar") for i in range(3)]
+    forms = [str(d), f"file://{d}/*.tar", str(d / "*.tar"), str(d / "train-{000..002}.tar"), d,
+             "::".join(want), [str(d / "train-000.tar"), str(d / "train-00[12].tar")]]
+    for form in forms:
+        assert [s.url for s in expand_shards(form)] == want, form
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty' holds no \\*.tar files"):
+        expand_shards(str(tmp_path / "empty"))
+
+
 def test_glob_matching_nothing_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="matched no files"):
         expand_shards(str(tmp_path / "nope-*.tar"))

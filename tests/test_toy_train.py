@@ -1,9 +1,14 @@
-"""The toy trainer's sampling rules (the training run itself is measured by test_toy_model's accuracy)."""
+"""The toy trainer's sampling rules and its --shards (the training run itself is measured by test_toy_model's
+accuracy)."""
+import json
+
 import numpy as np
 
+from vrc_dist.cli import main
 from vrc_dist.toy.data import EncodedQA
 from vrc_dist.toy.train import _answerable_tokens, _row_weights
 from vrc_dist.toy.world import render
+from vrc_dist.toy.write_shards import make_shards
 
 
 def test_answerable_subsets_keep_every_object_and_the_asked_count():
@@ -21,3 +26,18 @@ def test_answerable_subsets_keep_every_object_and_the_asked_count():
 def test_scenes_of_several_objects_are_oversampled():
     items = EncodedQA(qtype=["single", "shape", "count"], owner=[np.array([0, 1, 1]), np.array([0, 1, 2]), np.array([2, 1])])
     assert np.allclose(_row_weights(items, 6.0), np.array([1, 6, 6]) / 13)
+
+
+def test_toy_train_and_eval_read_shards_in_every_form(tmp_path, capsys):
+    make_shards(tmp_path / "sh", 2, 3, seed=9)
+    make_shards(tmp_path / "more", 1, 2, seed=10)
+    out = tmp_path / "model"
+    assert main(["toy", "train", "--shards", str(tmp_path / "sh" / "*.tar"), "--shards", str(tmp_path / "more"),
+                 "--out", str(out), "--set", "steps=1", "--set", "vision_steps=1", "--set", "batch_size=4"]) == 0
+    assert json.loads((out / "training.json").read_text())["train_images"] == 8
+    capsys.readouterr()
+    assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "sh" / "train-0000{0..1}.tar")]) == 0
+    assert "on 6 images from" in capsys.readouterr().out
+    assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "gone.tar")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open shard" in err and "gone.tar" in err

@@ -99,3 +99,12 @@ def test_failure_mid_shard_leaves_no_partial_tar(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         make_shards(tmp_path, shards=2, per_shard=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-00000.tar"]  # the complete one only
+
+
+def test_make_image_writes_the_rendered_png(tmp_path, capsys):
+    from vrc_dist.cli import main
+
+    out = tmp_path / "new" / "img.png"
+    assert main(["toy", "make-image", "--out", str(out), "--seed", "3", "--index", "2", "--split", "train"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(render("train", 3, 0, 2)[0]))
+    assert "toy image train-s3-00000-00002" in capsys.readouterr().out

@@ -11,13 +11,14 @@ import os
 import sys
 
 from vrc_dist.config import BuildConfig, load
+from vrc_dist.shards import SHARDS_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/TOML BuildConfig")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. probe.k_global=8")
     p.add_argument("--model", help="toy, or a LLaVA checkpoint directory (sets probe.model)")
-    p.add_argument("--shards", action="append", help="shard glob, brace pattern or URL (repeatable; sets shards)")
+    p.add_argument("--shards", action="append", help=f"{SHARDS_HELP}; sets the config's shards")
     p.add_argument("--out", help="output directory of the metrics dataset")
     p.add_argument("--actors", type=int, help="number of probe actors (default: one per GPU, else 2)")
     p.add_argument("--codebook", help="codebook directory to commit a version into after the metrics")

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from vrc_dist.shards import ShardError
+
 # One line per module that adds subcommands; each defines register(subparsers).
 SUBCOMMAND_MODULES = [
     "vrc_dist.toy.cli",
@@ -31,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `vrc ... | head`: the reader has what it wanted
         sys.stderr.close()
         return 0
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # Clear, one-line errors for bad input; tracebacks are for bugs.
+    except (ValueError, FileNotFoundError, PermissionError, ShardError) as e:
+        # Clear, one-line errors for bad input (a shard that is missing or broken too); tracebacks are for bugs.
         print(f"vrc {args.command}: error: {e}", file=sys.stderr)
         return 2
 

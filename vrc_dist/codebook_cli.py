@@ -17,6 +17,7 @@ def register(subparsers) -> None:
     where = {"help": "codebook directory, or `toy` for the toy model's codebook"}
 
     s = sub.add_parser("list", help="the codebooks under a root, or the versions of one codebook")
+    s.add_argument("path", nargs="?", help="a codebook or a folder of codebooks, like --codebook")
     s.add_argument("--codebook", default=None,
                    help=f"a codebook or a folder of codebooks (default: $VRC_CODEBOOKS or {codebooks_root()})")
     s.set_defaults(func=cmd_list)
@@ -59,7 +60,12 @@ def register(subparsers) -> None:
 
 
 def cmd_list(args) -> None:
-    root = resolve_path(args.codebook) if args.codebook else codebooks_root()
+    if args.path and args.codebook and args.path != args.codebook:
+        raise ValueError(f"two codebooks given ({args.path} and --codebook {args.codebook}): give one")
+    given = args.path or args.codebook
+    root = resolve_path(given) if given else codebooks_root()
+    if given and not root.exists():
+        raise FileNotFoundError(f"{given}: no such codebook or folder of codebooks")
     if (root / MANIFEST).exists():
         cb = Codebook.at(root)
         print(f"{cb.name}  model={cb.model_id}  dim={cb.dim}  {root}")

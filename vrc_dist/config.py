@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+TOY_CONFIG = Path(__file__).parent / "configs" / "toy.yaml"  # the toy model's calibrated settings
 DEFAULT_PROMPT = (
     "What does this image show? You must provide a single word that best describes the image."
 )
@@ -172,11 +173,17 @@ def load(cls, path: str | Path | None = None, overrides: list[str] | None = None
 
 def load_probe_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ProbeConfig:
     """A ProbeConfig from a probe file, or from the `probe:` section of a build file such as
-    vrc_dist/configs/toy.yaml, so one file holds a model's calibrated thresholds for every command."""
+    vrc_dist/configs/toy.yaml, so one file holds a model's calibrated thresholds for every command.
+
+    Without a file, the toy model (`model: toy`, the default) starts from that file's probe section: the
+    reference defaults were set for 7B models and find no candidates on it (README, "Using it"). Any other
+    model starts from the reference defaults."""
     data = read_config_file(path) if path else {}
     data = data.get("probe", {}) if "probe" in data else data
     for o in overrides or []:
         apply_override(data, o)
+    if not path and data.get("model", ProbeConfig.model) == "toy":
+        data = {**read_config_file(TOY_CONFIG)["probe"], **data}
     return from_dict(ProbeConfig, data, "probe")
 
 

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import sys
 from pathlib import Path
+
+from vrc_dist.shards import SHARDS_HELP
 
 # The paper's rule, this project's extension, each with its null control, and the baselines.
 DEFAULT_METHODS = "codebook,codebook-null,codebook-diverse,codebook-diverse-null,divprune,random,cls,fastv,pool"
@@ -88,12 +91,13 @@ def _eval(args) -> int:
                     progress=lambda r: print(f"{r['method']:>9} keep {r['keep']:<6} acc {r['accuracy']:.3f} "
                                              f"kept {r['kept_tokens']:.1f}", file=sys.stderr))
     cb = "" if codebook is None else f", codebook {codebook.path} v{codebook.version:04d} ({len(codebook.vectors)} prototypes)"
-    command = (f"vrc eval --model {args.model} --codebook {args.codebook} --shards {args.shards} --keep {args.keep} "
+    shards = " ".join(f"--shards {shlex.quote(s)}" for s in args.shards)
+    command = (f"vrc eval --model {args.model} --codebook {args.codebook} {shards} --keep {args.keep} "
                f"--methods {args.methods} --out {args.out}")
     for flag in NUMBER_OPTIONS:
         if getattr(args, flag) != NUMBER_OPTIONS[flag]:
             command += f" --{flag.replace('_', '-')} {getattr(args, flag)}"
-    header = (f"# Pruning on the toy eval split\n\nmodel `{args.model}`{cb}; shards `{args.shards}` "
+    header = (f"# Pruning on the toy eval split\n\nmodel `{args.model}`{cb}; shards `{' '.join(args.shards)}` "
               f"({len(samples)} images, {rows[0]['questions']} questions); FastV K={args.fastv_layer}; "
               f"codebook group_sim {group_sim}; command: `{command}`\n\n"
               "acc_lo / acc_hi: bootstrap 95% interval over questions; vs_null: accuracy minus the same rule's "
@@ -130,7 +134,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="toy", help="toy, or a LLaVA checkpoint directory")
     p.add_argument("--codebook", default="toy", help="toy, or a codebook directory")
     p.add_argument("--codebook-version", default=None)
-    p.add_argument("--shards", required=True, help="directory of toy eval shards (*.tar) or one shard")
+    p.add_argument("--shards", action="append", required=True, help=f"{SHARDS_HELP}; toy samples (the eval split)")
     p.add_argument("--keep", default="1.0,0.5,0.25,0.111,0.056", help="comma-separated keep ratios")
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma-separated; also codebook-plain (the former name of codebook), oracle and "
@@ -151,7 +155,8 @@ def register(sub) -> None:
     p.add_argument("run_dir", help="metrics dataset directory (tokens/, images/, candidates/)")
     p.add_argument("--out", help="where to write (default RUN_DIR/report)")
     p.add_argument("--codebook", help="codebook to picture (and to mark pruned tokens in overlays)")
-    p.add_argument("--shards", help="shards holding the images, for overlays on pixels")
+    p.add_argument("--shards", action="append",
+                   help=f"{SHARDS_HELP}; the images, for overlays on pixels (default: the run's own shards)")
     p.add_argument("--images", type=int, default=6, help="images to overlay")
     p.add_argument("--keep", type=float, default=0.111, help="keep ratio for the pruned marks")
     p.set_defaults(func=_report)

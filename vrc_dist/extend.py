@@ -28,6 +28,7 @@ from vrc_dist.clustering import ClusteringError, build_version, check_extendable
 from vrc_dist.codebook import Codebook, CodebookError, parse_version
 from vrc_dist.config import BuildConfig, ConfigError, to_dict
 from vrc_dist.metrics_store import Manifest
+from vrc_dist.shards import SHARDS_HELP
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codebook", required=True, help="codebook directory to extend")
     p.add_argument("--parent", help="version to extend (default: the latest)")
     p.add_argument("--shards", action="append", required=True,
-                   help="shard glob, brace pattern or URL (repeatable); images the parent has are skipped")
+                   help=f"{SHARDS_HELP}; images the parent has are skipped")
     p.add_argument("--out", required=True, help="new output directory for the new images' metrics dataset")
     p.add_argument("--actors", type=int, help="number of probe actors (default: one per GPU, else 2)")
     p.add_argument("--config", help="YAML/TOML BuildConfig; probe settings must equal the parent's")

@@ -20,7 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="toy, a LLaVA checkpoint directory, or a hub id in the local cache (default: config's)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", help="write the tokens table to this Parquet file instead of printing it")
-    p.add_argument("--config", help="YAML/TOML ProbeConfig (e.g. vrc_dist/configs/toy.yaml)")
+    p.add_argument("--config", help="YAML/TOML ProbeConfig, or a BuildConfig whose probe section is used "
+                                    "(default: vrc_dist/configs/toy.yaml for --model toy, else the reference values)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ProbeConfig field")
     p.add_argument("--engine", choices=("batched", "reference"), default="batched")
     p.set_defaults(func=run)

@@ -8,11 +8,16 @@
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from vrc_dist import metrics_store
+from vrc_dist.images import ImageError, load_image
+from vrc_dist.shards import ShardError, expand_shards, iter_samples
+
+log = logging.getLogger(__name__)
 
 
 def _plt():
@@ -104,16 +109,42 @@ def plot_codebook(codebook, out: Path) -> list[tuple[str, str]]:
     return [("Codebook support", "codebook_support.png"), ("Codebook prototypes, PCA", "codebook_pca.png")]
 
 
-def read_pixels(shard_paths: list[str], keys: set[str]) -> dict[str, np.ndarray]:
-    """The RGB arrays of `keys` from WebDataset shards (any image member: png, jpg, ...)."""
-    import webdataset as wds
+def read_pixels(shard_urls: list[str], keys: set[str]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The RGB arrays of `keys` from WebDataset shards (any image member), and why shards could not be read."""
+    found, problems = {}, []
+    for url in shard_urls:
+        if len(found) == len(keys):
+            break
+        try:
+            for sample in iter_samples(url):
+                if sample.key in keys and sample.image is not None:
+                    try:
+                        found[sample.key] = np.asarray(load_image(sample.image, f"{url}:{sample.image_member}"))
+                    except ImageError as e:
+                        problems.append(str(e))
+        except ShardError as e:  # samples read before the break count; the rest are reported as missing
+            problems.append(str(e))
+    return found, problems
 
-    found = {}
-    existing = [p for p in shard_paths if Path(p).exists()]
-    for sample in wds.WebDataset(existing, shardshuffle=False, empty_check=False).decode("rgb8") if existing else []:
-        if sample["__key__"] in keys:
-            found[sample["__key__"]] = next(v for k, v in sample.items() if k in ("png", "jpg", "jpeg", "webp"))
-    return found
+
+def overlay_pixels(chosen: list[str], manifest, shards: list[str] | None) -> tuple[dict[str, np.ndarray], str]:
+    """The pixels of the chosen images, from `shards` (any --shards form) or else the run's own shards, and a
+    note naming the images not found there ('' if none). Not found in shards the user named is an error,
+    since the overlays asked for would be blank; the run's own shards may have moved, so that is a warning."""
+    urls = ([s.url for s in expand_shards(shards)] if shards else
+            [e["url"] for e in manifest.shards.values() if e.get("url")])
+    pixels, problems = read_pixels(urls, set(chosen))
+    missing = [k for k in chosen if k not in pixels]
+    if not missing:
+        return pixels, ""
+    where = f"--shards {' '.join(shards)}" if shards else "the run's recorded shards"
+    note = (f"{len(missing)} of {len(chosen)} images not found in {where} ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}){''.join('; ' + p for p in problems)}")
+    if shards:
+        raise ValueError(note)
+    note += ": their overlays have no pixels"
+    log.warning("%s", note)
+    return pixels, note
 
 
 def pruned_masks(model_id: str, codebook, pixels: dict[str, np.ndarray], keep: float) -> dict[str, np.ndarray]:
@@ -166,9 +197,7 @@ def build_report(run_dir, out=None, codebook=None, shards=None, n_images: int = 
 
     cb = None if codebook is None else Codebook.open(codebook)
     chosen = [im["key"] for im in ok[:n_images]]
-    shard_paths = ([str(p) for p in sorted(Path(shards).glob("*.tar"))] if shards else
-                   [e.get("url", "") for e in manifest.shards.values()])
-    pixels = read_pixels(shard_paths, set(chosen))
+    pixels, missing = overlay_pixels(chosen, manifest, shards)
     pruned = {}
     if cb is not None and pixels:
         pruned = pruned_masks(manifest.data["config"].get("probe", {}).get("model", "toy"), cb, pixels, keep)
@@ -189,7 +218,8 @@ def build_report(run_dir, out=None, codebook=None, shards=None, n_images: int = 
     lines = [f"# vrc report: {run_dir}", "",
              f"{len(ok)} images ok ({len(images) - len(ok)} failed), {len(tokens['key'])} tokens, {n_cand} candidates; "
              f"divergence convention: {manifest.data.get('divergence')}."
-             + ("" if cb is None else f" Codebook {cb.path} v{cb.version:04d}; pruned marks at keep {keep}."), ""]
+             + ("" if cb is None else f" Codebook {cb.path} v{cb.version:04d}; pruned marks at keep {keep}.")
+             + (f" Warning: {missing}." if missing else ""), ""]
     for title, image, text in sections:
         lines += [f"## {title}", "", f"![{title}]({image})", ""] + ([text, ""] if text else [])
     page = out / "index.md"

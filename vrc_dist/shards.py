@@ -26,6 +26,9 @@ MAX_MEMBER_BYTES = 64 * 2**20  # a bigger "image" is a decompression bomb or a m
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+# The one description of --shards, for every command that takes it (all expand through expand_shards).
+SHARDS_HELP = ("shards: a glob (quote it: 'dir/*.tar'), a brace pattern (dir/train-{000..003}.tar), "
+               "a '::' list, a directory (its *.tar), or a URL; repeatable")
 
 
 class ShardError(Exception):
@@ -92,26 +95,37 @@ def shard_name(url: str) -> str:
     return name or "shard"
 
 
-def expand_shards(patterns: list[str] | str) -> list[ShardSpec]:
-    """Expand brace patterns (`{000..099}`), `::` lists and globs into shards, in order, duplicates dropped.
+def _directory_shards(url: str) -> list[str] | None:
+    """The *.tar files of a local directory, or None if `url` is not one."""
+    if not (_is_local(url) and os.path.isdir(_local_path(url))):
+        return None
+    tars = sorted(glob.glob(os.path.join(glob.escape(_local_path(url)), "*.tar")))
+    if not tars:
+        raise ValueError(f"shard directory {url!r} holds no *.tar files")
+    return tars
+
+
+def expand_shards(patterns: list[str | os.PathLike] | str | os.PathLike) -> list[ShardSpec]:
+    """Expand brace patterns (`{000..099}`), `::` lists, globs and directories (their *.tar) into shards,
+    in order, duplicates dropped. Every command's --shards goes through here (help: SHARDS_HELP).
 
     A literal path that does not exist is kept: it is a missing shard, recorded as failed by the run.
-    A glob that matches nothing is an error, since it is almost always a typo.
+    A glob that matches nothing, or a directory without shards, is an error: almost always a typo.
     """
-    if isinstance(patterns, str):
+    if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
     if not patterns:
         raise ValueError("no shards given: set `shards` in the config or pass --shards")
     urls: list[str] = []
     for pattern in patterns:
-        for url in expand_urls(pattern):
+        for url in expand_urls(os.fspath(pattern)):
             if _GLOB_CHARS.search(url):
                 matched = _glob(url)
                 if not matched:
                     raise ValueError(f"shard pattern {url!r} matched no files")
                 urls.extend(matched)
             else:
-                urls.append(url)
+                urls.extend(_directory_shards(url) or [url])
     # Local paths become absolute so a shard keeps its identity whatever the working directory
     # (a Ray job runs in a temporary copy of it).
     urls = [os.path.abspath(_local_path(u)) if _is_local(u) else u for u in urls]

@@ -1,9 +1,10 @@
-"""`vrc toy make-shards | train | eval`: the embedded default world and model."""
+"""`vrc toy make-shards | make-image | train | eval`: the embedded default world and model."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from vrc_dist.shards import SHARDS_HELP
 from vrc_dist.toy import TOY_MODEL_DIR
 
 
@@ -15,11 +16,24 @@ def _make_shards(args) -> int:
     return 0
 
 
+def _make_image(args) -> int:
+    from vrc_dist.toy.world import render
+
+    image, meta = render(args.split, args.seed, 0, args.index)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG")
+    print(f"wrote {out}: toy image {meta['key']}, answer {meta['answer']!r}")
+    return 0
+
+
 def _train(args) -> int:
     from vrc_dist.config import load
     from vrc_dist.toy.train import TrainConfig, train
 
-    cfg = load(TrainConfig, args.config, [f"shards={args.shards}", f"out={args.out}", *args.set])
+    cfg = load(TrainConfig, args.config, [f"out={args.out}", *args.set])
+    if args.shards:  # set directly: a brace pattern is not valid YAML for an override
+        cfg.shards = args.shards
     print(json.dumps(train(cfg), indent=2))
     return 0
 
@@ -32,14 +46,14 @@ def _eval(args) -> int:
     samples = load_toy_samples(args.shards)
     model, processor = load_checkpoint(args.model)
     result = toy_accuracy(model, processor, samples)
-    print(f"held-out accuracy of {args.model} on {len(samples)} images from {args.shards}:")
+    print(f"held-out accuracy of {args.model} on {len(samples)} images from {' '.join(args.shards)}:")
     print(format_accuracy(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.write_card:
         from vrc_dist.toy.card import write_model_card
 
-        write_model_card(resolve_checkpoint(args.model), result, args.shards, len(samples))
+        write_model_card(resolve_checkpoint(args.model), result, " ".join(args.shards), len(samples))
     return 0
 
 
@@ -54,8 +68,16 @@ def register(sub) -> None:
     p.add_argument("--split", choices=("train", "eval"), default="train")
     p.set_defaults(func=_make_shards)
 
+    p = toy.add_parser("make-image", help="write one toy image as a PNG (for `vrc probe` and `vrc codebook query`)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", type=int, default=0, help="which image of the seed's first shard")
+    p.add_argument("--split", choices=("train", "eval"), default="eval")
+    p.set_defaults(func=_make_image)
+
     p = toy.add_parser("train", help="train the tiny LLaVA on train shards (CPU, minutes)")
-    p.add_argument("--shards", default="out/toy/train", help="directory of train-*.tar")
+    p.add_argument("--shards", action="append",
+                   help=f"{SHARDS_HELP}; toy samples (default: the config's, else out/toy/train)")
     p.add_argument("--out", default=str(TOY_MODEL_DIR))
     p.add_argument("--config", help="YAML/TOML TrainConfig")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -63,7 +85,7 @@ def register(sub) -> None:
 
     p = toy.add_parser("eval", help="held-out accuracy per question type")
     p.add_argument("--model", default="toy")
-    p.add_argument("--shards", required=True, help="an eval shard or a directory of them")
+    p.add_argument("--shards", action="append", required=True, help=f"{SHARDS_HELP}; toy samples (the eval split)")
     p.add_argument("--json", help="also write the result as JSON")
     p.add_argument("--write-card", action="store_true", help="write the accuracy into the model's README.md")
     p.set_defaults(func=_eval)

@@ -3,30 +3,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
+
+from vrc_dist.images import load_image
+from vrc_dist.shards import expand_shards, iter_samples
 
 
-def load_toy_samples(path) -> list[dict]:
-    """Samples of a directory of toy shards (*.tar) or of one shard; a clear error if there are none."""
-    path = Path(path)
-    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
-    samples = load_shard_samples(p for p in shards if p.exists())
-    if not samples:
-        raise FileNotFoundError(f"no toy shards at {path}")
+def load_toy_samples(shards) -> list[dict]:
+    """Every sample of toy shards given in any --shards form (vrc_dist.shards.expand_shards), in shard order:
+    {'key', 'image' (HWC uint8), 'meta'}. A sample without pixels or sidecar is an error naming it."""
+    samples = []
+    for spec in expand_shards(shards):
+        for s in iter_samples(spec.url):
+            if s.error or s.meta is None:
+                raise ValueError(f"{spec.url}: sample {s.key!r} is not a toy sample: {s.error or 'no .json sidecar'}")
+            image = np.asarray(load_image(s.image, f"{spec.url}:{s.image_member}"))
+            samples.append({"key": s.key, "image": image, "meta": s.meta})
     return samples
-
-
-def load_shard_samples(paths) -> list[dict]:
-    """Every sample of the given toy shards: {'key', 'image' (HWC uint8), 'meta'} in shard order."""
-    urls = [str(p) for p in paths]
-    if not urls:
-        return []
-    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8")
-    return [{"key": s["__key__"], "image": s["png"], "meta": s["json"]} for s in dataset]
 
 
 @dataclass

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from vrc_dist.toy import TOY_MODEL_DIR
-from vrc_dist.toy.data import encode_samples, load_shard_samples
+from vrc_dist.toy.data import encode_samples, load_toy_samples
 from vrc_dist.toy.model import TinyLlavaSpec, build_model
 from vrc_dist.toy.world import COLOURS, SHAPES
 
 
 @dataclass
 class TrainConfig:
-    shards: str = "out/toy/train"
+    shards: list[str] = field(default_factory=lambda: ["out/toy/train"])  # --shards forms (SHARDS_HELP)
     out: str = str(TOY_MODEL_DIR)
     vision_steps: int = 1500
     steps: int = 4500
@@ -182,9 +182,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     model, processor = build_model(spec, seed=cfg.seed)
-    samples = load_shard_samples(sorted(Path(cfg.shards).glob("*.tar")))
-    if not samples:
-        raise FileNotFoundError(f"no training shards (*.tar) in {cfg.shards}")
+    samples = load_toy_samples(cfg.shards)
     pixels, items = encode_samples(samples, processor)
     prefix = torch.tensor(items.prefix)
     pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
