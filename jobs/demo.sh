@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 OUT="$PWD/out/demo"
 MODEL="${VRC_DEMO_MODEL:-toy}"  # or a LLaVA checkpoint directory
 mkdir -p "$OUT"
+# A demo run starts from an empty codebook: a second run must not stack versions on the first one's.
+rm -rf "$OUT/codebook" "$OUT/metrics" "$OUT/metrics-more"
 
 echo "== toy shards"
 # Train-split images the model never saw (it was trained on the train shards of seed 0), and a held-out eval split.
@@ -90,8 +92,15 @@ RAY_PID=
 echo "== versions of the new codebook"
 vrc codebook list "$OUT/codebook"
 
+echo "== nearest prototypes of a few tokens of a held-out image, with their provenance"
+vrc toy make-image --out "$OUT/query.png" --seed 100 --split eval
+vrc codebook query --codebook "$OUT/codebook" --model "$MODEL" --image "$OUT/query.png" --k 3 > "$OUT/query.txt"
+head -n 9 "$OUT/query.txt"
+echo "   ... ($(wc -l < "$OUT/query.txt") lines in $OUT/query.txt)"
+
 echo "== pruning with the new codebook vs baselines, held-out eval split"
 vrc eval --model "$MODEL" --codebook "$OUT/codebook" --shards "$OUT/shards/eval" \
-  --keep 1.0,0.5,0.25,0.111,0.056 --methods codebook,random,cls,fastv,pool --out "$OUT/eval"
+  --keep 1.0,0.5,0.25,0.111,0.056 --methods codebook,codebook-null,codebook-diverse,random,fastv,oracle \
+  --out "$OUT/eval"
 
 echo "== demo done: metrics in $OUT/metrics, codebook in $OUT/codebook, eval table in $OUT/eval"
