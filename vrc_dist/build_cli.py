@@ -76,20 +76,18 @@ def _extend(args) -> int:
 
 def _on_local_ray(run) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not os.environ.get("RAY_ADDRESS"):
-        # Ray maps 127.0.0.1 to the machine's routable address unless told it is not a cluster node;
-        # a local build has no reason to listen beyond loopback. Must be set before ray is imported.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
     if os.environ.get("RAY_ADDRESS"):
+        import ray
+
         ray.init()
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    try:
+        try:
+            return run()
+        finally:
+            ray.shutdown()
+    from vrc_dist.local_ray import local_ray
+
+    with local_ray():
         return run()
-    finally:
-        ray.shutdown()
 
 
 def register(subparsers) -> None:

@@ -1,0 +1,74 @@
+"""A local `vrc build` (its own ray.init) as a user runs it: what it listens on, what it leaves in the home
+directory, what it prints (issue 17).
+
+One real build of the toy model on two tiny shards, in a child process with HOME set to a temp dir, watched
+from outside: its listening sockets are read from /proc while it runs.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from rel_helpers import child_env
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def local_build(tmp_path_factory):
+    from ray_head import listening_sockets, process_tree
+
+    from vrc_dist.toy.write_shards import make_shards
+
+    root = tmp_path_factory.mktemp("local")
+    make_shards(root / "shards", shards=2, per_shard=2, seed=7, split="train")
+    home = root / "home"
+    home.mkdir()
+    env = {**child_env(), "HOME": str(home), "VRC_FAULT_SLEEP_S": "1"}  # slow images: a wide window to look
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "vrc_dist.cli", "build", "--model", "toy", "--shards", str(root / "shards" / "*.tar"),
+           "--out", str(root / "out"), "--actors", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sockets: dict[tuple[str, int], set[str]] = {}
+    while proc.poll() is None:
+        for pid in process_tree(proc.pid):
+            for sock in listening_sockets([pid]):
+                sockets.setdefault(sock, set()).add(_name(pid))
+        time.sleep(0.3)
+    output = proc.stdout.read()
+    assert proc.returncode == 0, output[-3000:]
+    return {"home": home, "sockets": sockets, "output": output}
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return f"pid {pid}"
+
+
+def test_every_listening_socket_is_on_loopback(local_build):
+    from ray_head import is_loopback
+
+    sockets = local_build["sockets"]
+    assert any("raylet" in names for names in sockets.values()), f"never saw Ray listen: {sockets}"
+    public = {f"{addr}:{port}": sorted(names) for (addr, port), names in sockets.items() if not is_loopback(addr)}
+    assert not public, f"listening beyond loopback: {public}"
+
+
+def test_leaves_nothing_in_home_and_the_users_next_ray_works(local_build, tmp_path):
+    from ray_head import LocalHead
+
+    home = local_build["home"]
+    assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
+    # The user's own head and job, started the way cluster/README.md's local recipe does (no token of ours).
+    head = LocalHead(num_cpus=1, own_token=False, env={"HOME": str(home)})
+    try:
+        r = head.submit(["python", "-c", "print('job ran')"], str(tmp_path), timeout=300)
+    finally:
+        head.stop()
+    assert r.returncode == 0 and "job ran" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
