@@ -72,3 +72,13 @@ def test_leaves_nothing_in_home_and_the_users_next_ray_works(local_build, tmp_pa
     finally:
         head.stop()
     assert r.returncode == 0 and "job ran" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_output_has_no_error_lines_or_per_actor_noise(local_build):
+    import re
+
+    lines = local_build["output"].splitlines()
+    errors = [line for line in lines if re.match(r"\[[^]]* E \d+ \d+\]", line) or " ERROR " in line]
+    noise = [line for line in lines if "Loading weights" in line or "Deprecat" in line]
+    assert not errors and not noise, errors + noise
+    assert any(line.startswith("shards: 2 done") for line in lines), lines
