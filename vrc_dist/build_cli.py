@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from vrc_dist.config import BuildConfig, load
+from vrc_dist.config import BuildConfig, check_ranges, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     cfg.overwrite = cfg.overwrite or args.overwrite
-    return cfg
+    return check_ranges(cfg)  # the flags were set after load's checks
 
 
 def execute(cfg: BuildConfig) -> int:

@@ -264,6 +264,42 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "unknown key(s) ['k_globl']" in err[0]
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--set", "probe.k_head=0"], "config.probe.k_head: 0 must be >= 1"),
+    (["--set", "probe.window=0"], "config.probe.window: 0 must be an odd number"),
+    (["--set", "probe.window=4"], "config.probe.window: 4 must be an odd number"),
+    (["--set", "cluster.n_clusters=0"], "config.cluster.n_clusters: 0 must be >= 1"),
+    (["--set", "cluster.k=0"], "config.cluster.k: 0 must be >= 1"),
+    (["--set", "cluster.min_images=-1"], "config.cluster.min_images: -1 must be >= 0"),
+    (["--set", "actors=0"], "config.actors: 0 must be >= 1"),
+    (["--actors", "-3"], "config.actors: -3 must be >= 1"),
+    (["--set", "probe.jsd_thres=-0.1"], "config.probe.jsd_thres: -0.1 must be >= 0"),
+    (["--set", "probe.top1_thres=-1e-3"], "config.probe.top1_thres: -0.001 must be >= 0"),
+], ids=["k_head 0", "window 0", "window even", "n_clusters 0", "cluster.k 0", "min_images -1", "actors 0",
+        "--actors -3", "negative jsd_thres", "negative top1_thres"])
+def test_out_of_range_settings_are_refused_in_one_line_before_ray(args, match, tmp_path, capsys, monkeypatch):
+    from vrc_dist import build_cli
+    from vrc_dist.cli import main
+
+    monkeypatch.setattr(build_cli, "_on_local_ray", lambda run: pytest.fail("Ray was started"))
+    assert main(["build", "--shards", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
+def test_yaml_exponent_without_a_dot_is_a_float_for_float_fields_only(tmp_path):
+    from vrc_dist.config import BuildConfig, ConfigError, load
+
+    (tmp_path / "c.yaml").write_text("probe:\n  jsd_thres: 1e-3\n  top1_thres: 2.5E+1\n")
+    cfg = load(BuildConfig, tmp_path / "c.yaml", ["cluster.use_gpu=false"])
+    assert (cfg.probe.jsd_thres, cfg.probe.top1_thres) == (1e-3, 25.0)
+    assert load(BuildConfig, None, ["probe.k_global=2e1"]).probe.k_global == 20.0
+    with pytest.raises(ConfigError, match="config.probe.k_head: expected int, got str '1e2'"):
+        load(BuildConfig, None, ["probe.k_head=1e2"])
+    with pytest.raises(ConfigError, match="config.probe.prompt: expected str"):
+        load(BuildConfig, None, ["probe.prompt=1.5"])  # a str field is not parsed as a number either way
+
+
 # ---- codebook interchange, vectors ---------------------------------------------------------------------
 
 
