@@ -221,6 +221,36 @@ def test_duplicate_keys_across_shards_are_kept_flagged_and_refused_by_clustering
         read_candidates([sandbox / "out"])
 
 
+def test_cross_shard_duplicates_resolved_by_the_build_are_counted_from_the_files(sandbox):
+    """The build's duplicate pass (build.drop_duplicate_keys; through Ray in test_runner.py) leaves a dataset
+    the doctor and clustering accept, changes nothing when run again, and repairs the counts of a manifest
+    that missed a rewrite (a driver killed between the two)."""
+    from vrc_dist.build import drop_duplicate_keys
+    from vrc_dist.clustering import read_candidates
+    from vrc_dist.metrics_store import Manifest, mark_duplicates
+
+    s1 = raw_tar(sandbox / "in" / "s1.tar", [("same.png", png()), ("u1.png", png())])
+    s2 = raw_tar(sandbox / "in" / "s2.tar", [("same.png", png()), ("u2.png", png())])
+    s3 = raw_tar(sandbox / "in" / "s3.tar", [("u3.png", png()), ("same.png", png())])
+    out = sandbox / "out"
+    run_local([s1, s2, s3], out)
+    assert drop_duplicate_keys(out, Manifest.load(out), ["s2", "s1", "s3"]) == 2
+    rows = {(r["shard"], r["key"]): r for r in read_table(out, "images").to_pylist()}
+    assert rows[("s2", "same")]["status"] == "ok"
+    for shard in ("s1", "s3"):
+        assert rows[(shard, "same")]["status"] == "error" and "kept in shard s2" in rows[(shard, "same")]["error"]
+    assert doctor_errors(out) == []
+    read_candidates([out])  # no duplicate candidate ids left
+    before = (out / "manifest.json").read_text()
+    assert drop_duplicate_keys(out, Manifest.load(out), ["s2", "s1", "s3"]) == 2
+    assert (out / "manifest.json").read_text() == before
+
+    mark_duplicates(out, "s3", {"u3": "duplicate key 'u3': kept in shard s9, the earlier one in the run's shard order"})
+    assert doctor_errors(out), "the doctor should see the manifest's stale counts"
+    assert drop_duplicate_keys(out, Manifest.load(out), ["s2", "s1", "s3"]) == 3
+    assert Manifest.load(out).shards["s3"]["images_ok"] == 0 and doctor_errors(out) == []
+
+
 # ---- config ---------------------------------------------------------------------------------------------
 
 
