@@ -27,9 +27,23 @@ class NothingProcessed(RuntimeError):
     """The run ended with no successfully probed image in the output: the job must fail, saying why."""
 
 
+def check_output(cfg: BuildConfig) -> None:
+    """Refuse an output directory that cannot be one, in a line naming it: cheap, so callers run it before Ray."""
+    out = Path(cfg.out).resolve()
+    if cfg.codebook and Path(cfg.codebook).resolve() == out:
+        raise ValueError(f"--out and --codebook are both {out}: a metrics dataset and a codebook each need "
+                         "a directory of their own (both have a manifest.json)")
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {cfg.out}: {parent} is a file, not a directory")
+            return
+
+
 def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
     """The output's manifest: fresh for a new directory or --overwrite, else the existing one, checked
     to have been made with the same probe settings (mixing two settings in one dataset is never right)."""
+    check_output(cfg)
     out = Path(cfg.out)
     old = Manifest.load(out)
     config = to_dict(cfg)

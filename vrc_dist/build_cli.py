@@ -63,7 +63,10 @@ def execute(cfg: BuildConfig) -> int:
 
 
 def _build(args) -> int:
+    from vrc_dist.build import check_output
+
     cfg = config_from_args(args)
+    check_output(cfg)  # before Ray takes its seconds to start
     return _on_local_ray(lambda: execute(cfg))
 
 

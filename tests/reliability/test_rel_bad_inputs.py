@@ -317,6 +317,22 @@ def test_out_of_range_settings_are_refused_in_one_line_before_ray(args, match, t
     assert len(err) == 1 and match in err[0], err
 
 
+@pytest.mark.parametrize("case", ["--out under a regular file", "--out equal to --codebook"])
+def test_unusable_output_directory_is_refused_in_one_line_before_ray(case, tmp_path, capsys, monkeypatch):
+    from vrc_dist import build_cli
+    from vrc_dist.cli import main
+
+    (tmp_path / "file").write_text("")
+    out, extra, match = {
+        "--out under a regular file": (tmp_path / "file" / "out", [], "is a file, not a directory"),
+        "--out equal to --codebook": (tmp_path / "same", ["--codebook", str(tmp_path / "same")], "both"),
+    }[case]
+    monkeypatch.setattr(build_cli, "_on_local_ray", lambda run: pytest.fail("Ray was started"))
+    assert main(["build", "--shards", str(tmp_path / "s.tar"), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and str(out) in err[0], err
+
+
 def test_yaml_exponent_without_a_dot_is_a_float_for_float_fields_only(tmp_path):
     from vrc_dist.config import BuildConfig, ConfigError, load
 
