@@ -182,45 +182,47 @@ def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest
         bar.set_postfix(shards=f"{len(stats.done) + len(stats.failed)}/{len(specs)}",
                         tok_s=f"{tokens / elapsed:.0f}" if elapsed else "-", refresh=False)
 
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-        show()
-        for ref in ready:
-            i, spec = inflight.pop(ref)
-            if spec is None:  # a restarted actor's ready() call
-                try:
-                    ray.get(ref)
-                    idle.add(i)
-                except ray.exceptions.RayActorError:
-                    log.warning("actor %d did not come back; retired", i)
-                continue
-            try:
-                entry = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
-                died = isinstance(e, ray.exceptions.RayActorError)
-                stats.actor_deaths += died
-                attempts[spec.name] = attempts.get(spec.name, 0) + 1
-                reason = "the actor died" if died else (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                if attempts[spec.name] > cfg.max_retries:
-                    error = f"gave up after {attempts[spec.name]} attempts; last: {reason}"
-                    record(spec, _failed(spec, error), attempts[spec.name])
-                else:
-                    log.warning("shard %s attempt %d: %s; re-queued", spec.name, attempts[spec.name], reason)
-                    queue.appendleft(spec)
-                if died:  # hand it work again once Ray has restarted it
-                    inflight[actors[i].ready.remote()] = (i, None)
+    try:  # the bar closes however the loop ends, so a Ctrl-C's message is the last line
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            show()
+            for ref in ready:
+                i, spec = inflight.pop(ref)
+                if spec is None:  # a restarted actor's ready() call
+                    try:
+                        ray.get(ref)
+                        idle.add(i)
+                    except ray.exceptions.RayActorError:
+                        log.warning("actor %d did not come back; retired", i)
                     continue
-            else:
-                record(spec, entry, attempts.get(spec.name, 0) + 1)
-            idle.add(i)
-        dispatch()
-        if queue and not inflight and not idle:  # every actor retired: Ray gave up restarting them
-            for spec in queue:
-                record(spec, _failed(spec, "no live probe actors left"), attempts.get(spec.name, 0))
-            queue.clear()
-    stats.probe_seconds = time.time() - ready_at
-    show()
-    bar.close()
+                try:
+                    entry = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+                    died = isinstance(e, ray.exceptions.RayActorError)
+                    stats.actor_deaths += died
+                    attempts[spec.name] = attempts.get(spec.name, 0) + 1
+                    reason = "the actor died" if died else (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                    if attempts[spec.name] > cfg.max_retries:
+                        error = f"gave up after {attempts[spec.name]} attempts; last: {reason}"
+                        record(spec, _failed(spec, error), attempts[spec.name])
+                    else:
+                        log.warning("shard %s attempt %d: %s; re-queued", spec.name, attempts[spec.name], reason)
+                        queue.appendleft(spec)
+                    if died:  # hand it work again once Ray has restarted it
+                        inflight[actors[i].ready.remote()] = (i, None)
+                        continue
+                else:
+                    record(spec, entry, attempts.get(spec.name, 0) + 1)
+                idle.add(i)
+            dispatch()
+            if queue and not inflight and not idle:  # every actor retired: Ray gave up restarting them
+                for spec in queue:
+                    record(spec, _failed(spec, "no live probe actors left"), attempts.get(spec.name, 0))
+                queue.clear()
+        stats.probe_seconds = time.time() - ready_at
+        show()
+    finally:
+        bar.close()
     for a in actors:
         ray.kill(a)
     ray.kill(progress)

@@ -82,3 +82,24 @@ def test_output_has_no_error_lines_or_per_actor_noise(local_build):
     noise = [line for line in lines if "Loading weights" in line or "Deprecat" in line]
     assert not errors and not noise, errors + noise
     assert any(line.startswith("shards: 2 done") for line in lines), lines
+
+
+def test_ctrl_c_ends_a_build_with_one_line(tmp_path):
+    import signal
+
+    from vrc_dist.toy.write_shards import make_shards
+
+    make_shards(tmp_path / "shards", shards=1, per_shard=20, seed=7, split="train")
+    env = {**child_env(), "HOME": str(tmp_path), "VRC_FAULT_SLEEP_S": "2"}
+    cmd = [sys.executable, "-m", "vrc_dist.cli", "build", "--model", "toy", "--shards",
+           str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "out"), "--actors", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "out" / "manifest.json").exists():
+        time.sleep(0.5)
+    time.sleep(8)  # the actor is probing by now
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr + stdout, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "vrc build: interrupted", stderr[-3000:]
