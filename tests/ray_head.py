@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 VENV_BIN = str(Path(sys.executable).parent)
+DASHBOARD_START_S = 300
 
 
 def free_port() -> int:
@@ -43,16 +44,54 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def listening_sockets(pids) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket the processes `pids` hold, from /proc (no psutil here)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:  # the process ended, or an fd closed, while we looked
+            continue
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = bytes.fromhex(host)  # the kernel prints each 32-bit word in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
 class LocalHead:
-    def __init__(self, num_cpus: int = 2, object_store_bytes: int = 200_000_000):
+    def __init__(self, num_cpus: int = 2, object_store_bytes: int = 200_000_000, own_token: bool = True,
+                 env: dict | None = None):
+        """`own_token=False` starts the head the way a user's `ray start --head` does (Ray's own auth
+        defaults, ~/.ray of `env`'s HOME), to test what a previous run left behind."""
         self.temp_dir = tempfile.mkdtemp(prefix="vrc-ray-", dir="/tmp")  # short: Ray's socket paths have a limit
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         # Without this Ray swaps 127.0.0.1 for the machine's routable address and listens there.
-        self.env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
-                    # Our own token, so the head neither depends on nor trips over ~/.ray/auth_token.
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-        self.env.pop("RAY_ADDRESS", None)
+        self.env = {**os.environ, **(env or {}), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                    "PATH": f"{VENV_BIN}:{os.environ['PATH']}",
+                    # Ray gives its dashboard 60 s; on a busy 2-core machine it took 70 s to come up.
+                    "RAY_DASHBOARD_STARTUP_TIMEOUT_S": str(DASHBOARD_START_S)}
+        for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            self.env.pop(name, None)
+        if own_token:  # so the head neither depends on nor trips over ~/.ray/auth_token
+            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
         self.log = open(Path(self.temp_dir) / "head.log", "w")
         self.proc = subprocess.Popen(
             [f"{VENV_BIN}/ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
@@ -65,7 +104,7 @@ class LocalHead:
         )
         self._wait_ready()
 
-    def _wait_ready(self, timeout: float = 120) -> None:
+    def _wait_ready(self, timeout: float = DASHBOARD_START_S + 60) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

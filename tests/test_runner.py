@@ -175,3 +175,40 @@ def test_bad_input_is_recorded_and_only_total_failure_fails(head, world, tmp_pat
     assert r.returncode != 0
     assert "no image could be processed" in r.stdout + r.stderr
     assert json.loads((tmp_path / "nothing" / "manifest.json").read_text())["shards"]["missing"]["status"] == "failed"
+
+
+def test_a_key_in_two_shards_is_kept_once_in_the_first_shard_of_the_run(head, world, tmp_path):
+    import shutil
+
+    d = tmp_path / "dup"
+    d.mkdir()
+    for name, src in (("a", 0), ("b", 1), ("c", 0)):  # c holds a's three keys again
+        shutil.copy(world["shards"][src], d / f"{name}.tar")
+    keys = sorted(smp.key for smp in iter_samples(str(d / "a.tar")))
+
+    def outcome(out):
+        images = read_table(out, "images").to_pylist()
+        ok = sorted((r["shard"], r["key"]) for r in images if r["status"] == "ok")
+        dup = sorted((r["shard"], r["key"]) for r in images if r["status"] == "error" and "duplicate key" in r["error"])
+        return ok, dup, {t: read_table(out, t).num_rows for t in ("tokens", "candidates")}
+
+    out = tmp_path / "out"
+    r = build(head, world, out, shards=[d / "*.tar"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "3 duplicate keys" in r.stdout
+    ok, dup, rows = outcome(out)
+    assert [k for s, k in ok if s != "b"] == [k for s, k in ok if s == "a"] == keys  # a keeps them
+    assert dup == [("c", k) for k in keys]
+    tokens = read_table(out, "tokens")
+    assert sorted(set(zip(tokens["shard"].to_pylist(), tokens["key"].to_pylist()))) == ok  # no doubled rows
+    m = Manifest.load(out)
+    assert (m.shards["c"]["images_ok"], m.shards["c"]["images_duplicate"], m.shards["c"]["tokens"]) == (0, 3, 0)
+    assert m.data["runs"][-1]["images_duplicate"] == 3
+
+    r = build(head, world, out, shards=[d / "*.tar"])  # resumed: nothing to run, nothing changes
+    assert r.returncode == 0 and outcome(out) == (ok, dup, rows), r.stdout[-3000:] + r.stderr[-3000:]
+
+    out2 = tmp_path / "out2"  # the order of the run decides, not the names
+    r = build(head, world, out2, shards=[d / "c.tar", d / "a.tar"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert outcome(out2)[1] == [("a", k) for k in keys]

@@ -8,6 +8,9 @@ import logging
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from vrc_dist import metrics_store, runner
 from vrc_dist.config import BuildConfig, to_dict
 from vrc_dist.metrics_store import TABLES, Manifest, table_path
@@ -16,15 +19,31 @@ from vrc_dist.shards import ShardSpec, expand_shards
 log = logging.getLogger(__name__)
 # Probe settings that change how fast the numbers are computed, not what they are.
 PROBE_SPEED_ONLY = ("token_budget", "device")
+DUPLICATE_MARK = "the earlier one in the run's shard order"  # ends the error of a duplicate's row
+DUPLICATE_OF = "duplicate key {key!r}: kept in shard {owner}, " + DUPLICATE_MARK
 
 
 class NothingProcessed(RuntimeError):
     """The run ended with no successfully probed image in the output: the job must fail, saying why."""
 
 
+def check_output(cfg: BuildConfig) -> None:
+    """Refuse an output directory that cannot be one, in a line naming it: cheap, so callers run it before Ray."""
+    out = Path(cfg.out).resolve()
+    if cfg.codebook and Path(cfg.codebook).resolve() == out:
+        raise ValueError(f"--out and --codebook are both {out}: a metrics dataset and a codebook each need "
+                         "a directory of their own (both have a manifest.json)")
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {cfg.out}: {parent} is a file, not a directory")
+            return
+
+
 def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
     """The output's manifest: fresh for a new directory or --overwrite, else the existing one, checked
     to have been made with the same probe settings (mixing two settings in one dataset is never right)."""
+    check_output(cfg)
     out = Path(cfg.out)
     old = Manifest.load(out)
     config = to_dict(cfg)
@@ -61,6 +80,7 @@ def run_metrics(cfg: BuildConfig, specs: list[ShardSpec] | None = None,
     log.info("%d shards: %d already done, %d to run", len(specs), len(specs) - len(todo), len(todo))
     start = time.time()
     stats = runner.run_shards(cfg, todo, Path(cfg.out), manifest, skip_keys)
+    duplicates = drop_duplicate_keys(Path(cfg.out), manifest, [s.name for s in specs])
     seconds = time.time() - start
     summary = {
         "shards": len(specs),
@@ -69,6 +89,7 @@ def run_metrics(cfg: BuildConfig, specs: list[ShardSpec] | None = None,
         "shards_failed": len(stats.failed),
         "images_ok": stats.images_ok,
         "images_error": stats.images_error,
+        "images_duplicate": duplicates,  # in the whole output, this run's shards and earlier runs'
         "tokens": stats.tokens,
         "candidates": stats.candidates,
         "actor_deaths": stats.actor_deaths,
@@ -95,6 +116,44 @@ def run_metrics(cfg: BuildConfig, specs: list[ShardSpec] | None = None,
     return summary
 
 
+def drop_duplicate_keys(out: Path, manifest: Manifest, order: list[str]) -> int:
+    """Keys are image identity (README, "What a run writes"): an image key probed ok in two done shards keeps
+    its rows in the first shard of `order` (then the other done shards, by name) and becomes an error row
+    naming that shard in the others. Decided here, after every shard is in, from the files alone, so neither
+    the actors' timing nor a resume can change which copy stays. Returns the duplicates in the output.
+
+    Counts are taken from the files, so a manifest left behind by a driver killed between a rewrite and
+    its record is corrected by the next run."""
+    done = set(manifest.done())
+    ranked = [n for n in dict.fromkeys(order) if n in done] + sorted(done - set(order))
+    owner: dict[str, str] = {}
+    total = 0
+    for name in ranked:
+        images = _read_images(out, name)
+        reasons = {}
+        for key in images.filter(pc.equal(images["status"], "ok"))["key"].to_pylist():
+            if key in owner:
+                reasons[key] = DUPLICATE_OF.format(key=key, owner=owner[key])
+            else:
+                owner[key] = name
+        if reasons:
+            log.warning("shard %s: %d image keys already in earlier shards, kept there", name, len(reasons))
+            metrics_store.mark_duplicates(out, name, reasons)
+            images = _read_images(out, name)
+        errors = images.filter(pc.equal(images["status"], "error"))["error"].to_pylist()
+        counts = {**metrics_store.shard_counts(out, name, images),
+                  "images_duplicate": sum((e or "").endswith(DUPLICATE_MARK) for e in errors)}
+        total += counts["images_duplicate"]
+        entry = manifest.shards[name]
+        if any(entry.get(k, 0) != v for k, v in counts.items()):
+            manifest.record_shard(name, {**entry, **counts})
+    return total
+
+
+def _read_images(out: Path, shard: str):
+    return pq.read_table(table_path(out, "images", shard), columns=["key", "status", "error"])
+
+
 def run_codebook(cfg: BuildConfig) -> int | None:
     """Cluster the run's candidates into the next codebook version, when a codebook is configured."""
     if not cfg.codebook:
@@ -111,7 +170,9 @@ def format_summary(summary: dict) -> str:
         f"shards: {summary['shards_done']} done, {summary['shards_failed']} failed, "
         f"{summary['shards_skipped']} skipped (already done) of {summary['shards']}",
         f"images: {summary['images_ok']} ok, {summary['images_error']} with errors; "
-        f"{summary['tokens']} tokens, {summary['candidates']} candidates",
+        f"{summary['tokens']} tokens, {summary['candidates']} candidates"
+        + (f"; {summary['images_duplicate']} duplicate keys in the output (kept in their first shard)"
+           if summary.get("images_duplicate") else ""),
         f"metrics stage: {summary['seconds']:.1f} s, {summary['images_per_s']:.2f} images/s, "
         f"{summary['tokens_per_s']:.0f} tokens/s ({summary['images_per_s_loaded']:.2f} images/s once models were loaded)",
     ]

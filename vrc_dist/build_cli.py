@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from vrc_dist.config import BuildConfig, load
+from vrc_dist.config import BuildConfig, check_ranges, load
 from vrc_dist.shards import SHARDS_HELP
 
 
@@ -44,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     cfg.overwrite = cfg.overwrite or args.overwrite
-    return cfg
+    return check_ranges(cfg)  # the flags were set after load's checks
 
 
 def execute(cfg: BuildConfig) -> int:
@@ -64,7 +64,10 @@ def execute(cfg: BuildConfig) -> int:
 
 
 def _build(args) -> int:
+    from vrc_dist.build import check_output
+
     cfg = config_from_args(args)
+    check_output(cfg)  # before Ray takes its seconds to start
     return _on_local_ray(lambda: execute(cfg))
 
 
@@ -77,20 +80,18 @@ def _extend(args) -> int:
 
 def _on_local_ray(run) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not os.environ.get("RAY_ADDRESS"):
-        # Ray maps 127.0.0.1 to the machine's routable address unless told it is not a cluster node;
-        # a local build has no reason to listen beyond loopback. Must be set before ray is imported.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-
     if os.environ.get("RAY_ADDRESS"):
+        import ray
+
         ray.init()
-    else:
-        ray.init(_node_ip_address="127.0.0.1", include_dashboard=False)
-    try:
+        try:
+            return run()
+        finally:
+            ray.shutdown()
+    from vrc_dist.local_ray import local_ray
+
+    with local_ray():
         return run()
-    finally:
-        ray.shutdown()
 
 
 def register(subparsers) -> None:

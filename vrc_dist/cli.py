@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `vrc ... | head`: the reader has what it wanted
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C is the user's decision, not a bug to show a traceback for
+        print(f"vrc {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, PermissionError, ShardError) as e:
         # Clear, one-line errors for bad input (a shard that is missing or broken too); tracebacks are for bugs.
         print(f"vrc {args.command}: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import types
 import typing
@@ -25,6 +26,17 @@ class ConfigError(ValueError):
     pass
 
 
+# Ranges, as field metadata: from_dict checks them with the types, so a bad value is refused at load,
+# before Ray or a model starts, with a line that names the key.
+def at_least(lo):
+    return {"check": (lambda v: v >= lo, f"must be >= {lo}")}
+
+
+ODD = {"check": (lambda v: v >= 1 and v % 2 == 1, "must be an odd number >= 1 (a window centred on its token)")}
+# PyYAML (YAML 1.1) reads `1e-3`, with no dot, as a string; a float field takes it as the number it is.
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 @dataclass
 class ProbeConfig:
     """Everything the three probe passes and the per-image filter depend on (DESIGN.md §2 steps 1-7)."""
@@ -34,19 +46,20 @@ class ProbeConfig:
     dtype: str = "auto"  # auto: float32 on cpu, bfloat16 on cuda
     prompt: str = DEFAULT_PROMPT
     pad_token_id: int | None = None  # None: the tokenizer's pad id, else the model config's
-    dup: int = 1
-    k_head: int = 50  # single-input pass: softmax over this many top logits
-    k_div: int = 10  # divergence: top-k of the intact distribution
+    dup: int = field(default=1, metadata=at_least(1))
+    k_head: int = field(default=50, metadata=at_least(1))  # single-input pass: softmax over this many top logits
+    k_div: int = field(default=10, metadata=at_least(1))  # divergence: top-k of the intact distribution
     divergence: str = "reference"  # reference | jsd
-    window: int = 3  # region leave-one-out window side
-    k_region: float = 1.0
-    k_global: float = 16.0
-    jsd_thres: float = 1.8e-3
-    top1_thres: float = 0.15
-    image_dpc_k: int = 5
-    image_dpc_clusters: int = 8
-    cluster_size_thres: int = 8
-    token_budget: int = 65536  # max tokens (batch x sequence) in one batched forward
+    window: int = field(default=3, metadata=ODD)  # region leave-one-out window side
+    k_region: float = field(default=1.0, metadata=at_least(0))
+    k_global: float = field(default=16.0, metadata=at_least(0))
+    jsd_thres: float = field(default=1.8e-3, metadata=at_least(0))
+    top1_thres: float = field(default=0.15, metadata=at_least(0))
+    image_dpc_k: int = field(default=5, metadata=at_least(1))
+    image_dpc_clusters: int = field(default=8, metadata=at_least(1))
+    cluster_size_thres: int = field(default=8, metadata=at_least(0))
+    # max tokens (batch x sequence) in one batched forward
+    token_budget: int = field(default=65536, metadata=at_least(1))
     seed: int = 0
 
 
@@ -54,9 +67,10 @@ class ProbeConfig:
 class ClusterConfig:
     """Global DPC-KNN over candidates from all images (DESIGN.md §2 step 8)."""
 
-    k: int = 5
-    n_clusters: int = 64
-    min_images: int = 64  # keep clusters seen in MORE than this many distinct images
+    k: int = field(default=5, metadata=at_least(1))
+    n_clusters: int = field(default=64, metadata=at_least(1))
+    # keep clusters seen in MORE than this many distinct images
+    min_images: int = field(default=64, metadata=at_least(0))
     prototype_mode: str = "members"  # members | centers
     backend: str = "auto"  # auto | exact | faiss | ivf | hnsw
     use_gpu: bool = False
@@ -69,11 +83,13 @@ class BuildConfig:
 
     shards: list[str] = field(default_factory=list)
     out: str = "out/build"
-    actors: int | None = None  # None: one per GPU, or 2 CPU actors on a CPU-only cluster
-    gpus_per_actor: float = 1.0
-    cpus_per_actor: float = 1.0
-    max_retries: int = 3
-    max_image_bytes: int = 64 * 2**20  # a bigger shard member is refused (recorded), not read into memory
+    # None: one per GPU, or 2 CPU actors on a CPU-only cluster
+    actors: int | None = field(default=None, metadata=at_least(1))
+    gpus_per_actor: float = field(default=1.0, metadata=at_least(0))
+    cpus_per_actor: float = field(default=1.0, metadata=at_least(0))
+    max_retries: int = field(default=3, metadata=at_least(0))
+    # a bigger shard member is refused (recorded), not read into memory
+    max_image_bytes: int = field(default=64 * 2**20, metadata=at_least(1))
     overwrite: bool = False
     codebook: str | None = None  # codebook directory to commit into; None: metrics only
     codebook_name: str | None = None
@@ -105,6 +121,8 @@ def _check_type(value, tp, where: str):
         return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool:
             raise ConfigError(f"{where}: expected {tp.__name__}, got a boolean")
@@ -128,7 +146,22 @@ def from_dict(cls, data, where: str = "config"):
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    return check_ranges(cls(**kwargs), where, recurse=False)
+
+
+def check_ranges(cfg, where: str = "config", recurse: bool = True):
+    """Raise ConfigError naming the first field of `cfg` outside its range; returns `cfg`. For a config
+    changed after loading (flags set as attributes), with recurse=True into its sections."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if recurse:
+                check_ranges(value, f"{where}.{f.name}")
+        elif "check" in f.metadata and value is not None:
+            ok, rule = f.metadata["check"]
+            if not ok(value):
+                raise ConfigError(f"{where}.{f.name}: {value!r} {rule}")
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 TABLES = ("tokens", "images", "candidates")
@@ -227,6 +228,44 @@ class ShardWriter:
             except Exception:  # the file is being thrown away: its write error changes nothing
                 pass
             self.temps[t].unlink(missing_ok=True)
+
+
+def mark_duplicates(out_dir: str | Path, shard: str, reasons: dict[str, str]) -> None:
+    """Turn the ok rows of `reasons`' keys in one committed shard into error rows with that reason, and drop
+    their tokens and candidates. Each table is rewritten row group by row group (a shard's candidates may
+    not fit in memory) and replaced atomically; running it again changes nothing."""
+    keys = pa.array(sorted(reasons), pa.string())
+
+    def drop(t: pa.Table) -> pa.Table:
+        return t.filter(pc.invert(pc.is_in(t["key"], value_set=keys)))
+
+    def mark(t: pa.Table) -> pa.Table:
+        rows = t.to_pylist()
+        for r in rows:
+            if r["status"] == "ok" and r["key"] in reasons:
+                r.update(status="error", error=reasons[r["key"]], grid_h=None, grid_w=None, answer=None,
+                         answer_token_id=None)
+        return pa.Table.from_pylist(rows, schema=IMAGES_SCHEMA)
+
+    for table, change in (("tokens", drop), ("candidates", drop), ("images", mark)):
+        path = table_path(out_dir, table, shard)
+        tmp = _temp_beside(path)
+        try:
+            with pq.ParquetFile(path) as src, pq.ParquetWriter(tmp, src.schema_arrow) as dst:
+                for i in range(src.num_row_groups):
+                    dst.write_table(change(src.read_row_group(i)))
+            _fsync_replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def shard_counts(out_dir: str | Path, shard: str, images: pa.Table) -> dict:
+    """A committed shard's row counts, from its files (`images`: its images table, status column at least)."""
+    status = images["status"]
+    rows = {t: pq.ParquetFile(table_path(out_dir, t, shard)).metadata.num_rows for t in ("tokens", "candidates")}
+    return {"images_ok": pc.sum(pc.equal(status, "ok")).as_py() or 0,
+            "images_error": pc.sum(pc.equal(status, "error")).as_py() or 0, **rows}
 
 
 # --- manifest ------------------------------------------------------------------------------------------

@@ -29,11 +29,14 @@ MODEL_INFO_VOLATILE = ("device",)  # may differ between runs without changing th
 class ProbeActor:
     """Holds one loaded Prober; wrapped with ray.remote at launch so resources come from the config."""
 
-    def __init__(self, cfg: BuildConfig, out_dir: str, fault: FaultSwitch, progress):
+    def __init__(self, cfg: BuildConfig, out_dir: str, fault: FaultSwitch):
+        from transformers.utils import logging as hf_logging
+
         from vrc_dist.probe import Prober  # imported in the actor: torch and the model load on the worker
 
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per actor start, amid the run's own bar
         self.prober = Prober(cfg.probe)
-        self.cfg, self.out_dir, self.fault, self.progress = cfg, out_dir, fault, progress
+        self.cfg, self.out_dir, self.fault = cfg, out_dir, fault
 
     def model_info(self) -> dict:
         return self.prober.model_info
@@ -44,17 +47,19 @@ class ProbeActor:
     def ready(self) -> bool:
         return True
 
-    def run_shard(self, spec: ShardSpec, skip_keys: frozenset = frozenset()) -> dict:
+    # The progress actor comes with each call, not to the constructor: Ray keeps an actor handle given to a
+    # constructor in the object store, where a restart may find it gone (and logs an error for every actor).
+    def run_shard(self, spec: ShardSpec, progress, skip_keys: frozenset = frozenset()) -> dict:
         last = [0.0]
 
         def report(images: int, tokens: int) -> None:
             if time.time() - last[0] > 0.5:  # a report per image would flood the progress actor
                 last[0] = time.time()
-                self.progress.report.remote(spec.name, images, tokens)
+                progress.report.remote(spec.name, images, tokens)
 
         entry = process_shard(self.prober, spec, self.out_dir, self.cfg.max_image_bytes, self.fault, report,
                               skip_keys)
-        self.progress.report.remote(spec.name, entry["images_ok"] + entry["images_error"], entry["tokens"])
+        progress.report.remote(spec.name, entry["images_ok"] + entry["images_error"], entry["tokens"])
         return entry
 
 
@@ -94,14 +99,14 @@ def actor_options(cfg: BuildConfig) -> tuple[int, dict]:
     return cfg.actors or 2, {"num_cpus": cfg.cpus_per_actor}
 
 
-def start_actors(cfg: BuildConfig, out_dir: Path, progress) -> tuple[list, dict]:
+def start_actors(cfg: BuildConfig, out_dir: Path) -> tuple[list, dict]:
     n, resources = actor_options(cfg)
     cpus = ray.cluster_resources().get("CPU", 0)
     if "num_gpus" not in resources and n * cfg.cpus_per_actor > cpus:
         log.warning("%d actors x %s CPUs exceed the cluster's %s CPUs: some wait for resources", n, cfg.cpus_per_actor, cpus)
     remote = ray.remote(ProbeActor).options(max_restarts=cfg.max_retries, max_task_retries=0, **resources)
     fault = FaultSwitch.from_env()
-    actors = [remote.remote(cfg, str(out_dir), fault, progress) for _ in range(n)]
+    actors = [remote.remote(cfg, str(out_dir), fault) for _ in range(n)]
     try:
         infos = ray.get([a.model_info.remote() for a in actors])
     except ray.exceptions.RayError as e:
@@ -137,7 +142,7 @@ def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest
         return stats
     skip = ray.put(frozenset(skip_keys)) if skip_keys else frozenset()
     progress = Progress.remote()
-    actors, info = start_actors(cfg, out_dir, progress)
+    actors, info = start_actors(cfg, out_dir)
     check_model(manifest, info)
     ready_at = time.time()
 
@@ -149,7 +154,7 @@ def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest
     def dispatch() -> None:
         while idle and queue:
             i, spec = idle.pop(), queue.popleft()
-            inflight[actors[i].run_shard.remote(spec, skip)] = (i, spec)
+            inflight[actors[i].run_shard.remote(spec, progress, skip)] = (i, spec)
 
     def record(spec: ShardSpec, entry: dict, n_attempts: int) -> None:
         entry["attempts"] = n_attempts
@@ -177,45 +182,47 @@ def run_shards(cfg: BuildConfig, specs: list[ShardSpec], out_dir: Path, manifest
         bar.set_postfix(shards=f"{len(stats.done) + len(stats.failed)}/{len(specs)}",
                         tok_s=f"{tokens / elapsed:.0f}" if elapsed else "-", refresh=False)
 
-    while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
-        show()
-        for ref in ready:
-            i, spec = inflight.pop(ref)
-            if spec is None:  # a restarted actor's ready() call
-                try:
-                    ray.get(ref)
-                    idle.add(i)
-                except ray.exceptions.RayActorError:
-                    log.warning("actor %d did not come back; retired", i)
-                continue
-            try:
-                entry = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
-                died = isinstance(e, ray.exceptions.RayActorError)
-                stats.actor_deaths += died
-                attempts[spec.name] = attempts.get(spec.name, 0) + 1
-                reason = "the actor died" if died else (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                if attempts[spec.name] > cfg.max_retries:
-                    error = f"gave up after {attempts[spec.name]} attempts; last: {reason}"
-                    record(spec, _failed(spec, error), attempts[spec.name])
-                else:
-                    log.warning("shard %s attempt %d: %s; re-queued", spec.name, attempts[spec.name], reason)
-                    queue.appendleft(spec)
-                if died:  # hand it work again once Ray has restarted it
-                    inflight[actors[i].ready.remote()] = (i, None)
+    try:  # the bar closes however the loop ends, so a Ctrl-C's message is the last line
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            show()
+            for ref in ready:
+                i, spec = inflight.pop(ref)
+                if spec is None:  # a restarted actor's ready() call
+                    try:
+                        ray.get(ref)
+                        idle.add(i)
+                    except ray.exceptions.RayActorError:
+                        log.warning("actor %d did not come back; retired", i)
                     continue
-            else:
-                record(spec, entry, attempts.get(spec.name, 0) + 1)
-            idle.add(i)
-        dispatch()
-        if queue and not inflight and not idle:  # every actor retired: Ray gave up restarting them
-            for spec in queue:
-                record(spec, _failed(spec, "no live probe actors left"), attempts.get(spec.name, 0))
-            queue.clear()
-    stats.probe_seconds = time.time() - ready_at
-    show()
-    bar.close()
+                try:
+                    entry = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, ray.exceptions.ObjectLostError) as e:
+                    died = isinstance(e, ray.exceptions.RayActorError)
+                    stats.actor_deaths += died
+                    attempts[spec.name] = attempts.get(spec.name, 0) + 1
+                    reason = "the actor died" if died else (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                    if attempts[spec.name] > cfg.max_retries:
+                        error = f"gave up after {attempts[spec.name]} attempts; last: {reason}"
+                        record(spec, _failed(spec, error), attempts[spec.name])
+                    else:
+                        log.warning("shard %s attempt %d: %s; re-queued", spec.name, attempts[spec.name], reason)
+                        queue.appendleft(spec)
+                    if died:  # hand it work again once Ray has restarted it
+                        inflight[actors[i].ready.remote()] = (i, None)
+                        continue
+                else:
+                    record(spec, entry, attempts.get(spec.name, 0) + 1)
+                idle.add(i)
+            dispatch()
+            if queue and not inflight and not idle:  # every actor retired: Ray gave up restarting them
+                for spec in queue:
+                    record(spec, _failed(spec, "no live probe actors left"), attempts.get(spec.name, 0))
+                queue.clear()
+        stats.probe_seconds = time.time() - ready_at
+        show()
+    finally:
+        bar.close()
     for a in actors:
         ray.kill(a)
     ray.kill(progress)

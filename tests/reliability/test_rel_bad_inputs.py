@@ -221,6 +221,36 @@ def test_duplicate_keys_across_shards_are_kept_flagged_and_refused_by_clustering
         read_candidates([sandbox / "out"])
 
 
+def test_cross_shard_duplicates_resolved_by_the_build_are_counted_from_the_files(sandbox):
+    """The build's duplicate pass (build.drop_duplicate_keys; through Ray in test_runner.py) leaves a dataset
+    the doctor and clustering accept, changes nothing when run again, and repairs the counts of a manifest
+    that missed a rewrite (a driver killed between the two)."""
+    from vrc_dist.build import drop_duplicate_keys
+    from vrc_dist.clustering import read_candidates
+    from vrc_dist.metrics_store import Manifest, mark_duplicates
+
+    s1 = raw_tar(sandbox / "in" / "s1.tar", [("same.png", png()), ("u1.png", png())])
+    s2 = raw_tar(sandbox / "in" / "s2.tar", [("same.png", png()), ("u2.png", png())])
+    s3 = raw_tar(sandbox / "in" / "s3.tar", [("u3.png", png()), ("same.png", png())])
+    out = sandbox / "out"
+    run_local([s1, s2, s3], out)
+    assert drop_duplicate_keys(out, Manifest.load(out), ["s2", "s1", "s3"]) == 2
+    rows = {(r["shard"], r["key"]): r for r in read_table(out, "images").to_pylist()}
+    assert rows[("s2", "same")]["status"] == "ok"
+    for shard in ("s1", "s3"):
+        assert rows[(shard, "same")]["status"] == "error" and "kept in shard s2" in rows[(shard, "same")]["error"]
+    assert doctor_errors(out) == []
+    read_candidates([out])  # no duplicate candidate ids left
+    before = (out / "manifest.json").read_text()
+    assert drop_duplicate_keys(out, Manifest.load(out), ["s2", "s1", "s3"]) == 2
+    assert (out / "manifest.json").read_text() == before
+
+    mark_duplicates(out, "s3", {"u3": "duplicate key 'u3': kept in shard s9, the earlier one in the run's shard order"})
+    assert doctor_errors(out), "the doctor should see the manifest's stale counts"
+    assert drop_duplicate_keys(out, Manifest.load(out), ["s2", "s1", "s3"]) == 3
+    assert Manifest.load(out).shards["s3"]["images_ok"] == 0 and doctor_errors(out) == []
+
+
 # ---- config ---------------------------------------------------------------------------------------------
 
 
@@ -262,6 +292,58 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
     assert main(["build", "--config", str(tmp_path / "c.yaml")]) == 2  # refused before Ray starts
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown key(s) ['k_globl']" in err[0]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--set", "probe.k_head=0"], "config.probe.k_head: 0 must be >= 1"),
+    (["--set", "probe.window=0"], "config.probe.window: 0 must be an odd number"),
+    (["--set", "probe.window=4"], "config.probe.window: 4 must be an odd number"),
+    (["--set", "cluster.n_clusters=0"], "config.cluster.n_clusters: 0 must be >= 1"),
+    (["--set", "cluster.k=0"], "config.cluster.k: 0 must be >= 1"),
+    (["--set", "cluster.min_images=-1"], "config.cluster.min_images: -1 must be >= 0"),
+    (["--set", "actors=0"], "config.actors: 0 must be >= 1"),
+    (["--actors", "-3"], "config.actors: -3 must be >= 1"),
+    (["--set", "probe.jsd_thres=-0.1"], "config.probe.jsd_thres: -0.1 must be >= 0"),
+    (["--set", "probe.top1_thres=-1e-3"], "config.probe.top1_thres: -0.001 must be >= 0"),
+], ids=["k_head 0", "window 0", "window even", "n_clusters 0", "cluster.k 0", "min_images -1", "actors 0",
+        "--actors -3", "negative jsd_thres", "negative top1_thres"])
+def test_out_of_range_settings_are_refused_in_one_line_before_ray(args, match, tmp_path, capsys, monkeypatch):
+    from vrc_dist import build_cli
+    from vrc_dist.cli import main
+
+    monkeypatch.setattr(build_cli, "_on_local_ray", lambda run: pytest.fail("Ray was started"))
+    assert main(["build", "--shards", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
+@pytest.mark.parametrize("case", ["--out under a regular file", "--out equal to --codebook"])
+def test_unusable_output_directory_is_refused_in_one_line_before_ray(case, tmp_path, capsys, monkeypatch):
+    from vrc_dist import build_cli
+    from vrc_dist.cli import main
+
+    (tmp_path / "file").write_text("")
+    out, extra, match = {
+        "--out under a regular file": (tmp_path / "file" / "out", [], "is a file, not a directory"),
+        "--out equal to --codebook": (tmp_path / "same", ["--codebook", str(tmp_path / "same")], "both"),
+    }[case]
+    monkeypatch.setattr(build_cli, "_on_local_ray", lambda run: pytest.fail("Ray was started"))
+    assert main(["build", "--shards", str(tmp_path / "s.tar"), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and str(out) in err[0], err
+
+
+def test_yaml_exponent_without_a_dot_is_a_float_for_float_fields_only(tmp_path):
+    from vrc_dist.config import BuildConfig, ConfigError, load
+
+    (tmp_path / "c.yaml").write_text("probe:\n  jsd_thres: 1e-3\n  top1_thres: 2.5E+1\n")
+    cfg = load(BuildConfig, tmp_path / "c.yaml", ["cluster.use_gpu=false"])
+    assert (cfg.probe.jsd_thres, cfg.probe.top1_thres) == (1e-3, 25.0)
+    assert load(BuildConfig, None, ["probe.k_global=2e1"]).probe.k_global == 20.0
+    with pytest.raises(ConfigError, match="config.probe.k_head: expected int, got str '1e2'"):
+        load(BuildConfig, None, ["probe.k_head=1e2"])
+    with pytest.raises(ConfigError, match="config.probe.prompt: expected str"):
+        load(BuildConfig, None, ["probe.prompt=1.5"])  # a str field is not parsed as a number either way
 
 
 # ---- codebook interchange, vectors ---------------------------------------------------------------------
