@@ -8,6 +8,7 @@ codebook with `cp -r`, deletes A's metrics dataset, extends the copy with A+B th
 (the code of `vrc extend`) on a real loopback head (2 actors, a tiny random LLaVA, loose thresholds so
 candidates appear) and compares v2 with a fresh build of A+B in another codebook.
 """
+import argparse
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import webdataset as wds
 from vrc_dist.clustering import build_version
 from vrc_dist.codebook import CHECKSUMS, VERSION_FILES, Codebook, sha256_file
 from vrc_dist.config import ClusterConfig, ProbeConfig, to_dict
-from vrc_dist.extend import ExtendError, extend_config, known_images, open_parent, run_extend
+from vrc_dist.extend import ExtendError, extend_config, known_images, open_parent, prepare, run_extend
 from vrc_dist.metrics_store import TOKEN_FIELDS, Manifest, read_table, table_path
 from vrc_dist.shards import ShardSpec, iter_samples
 from vrc_dist.toy.write_shards import make_shards
@@ -130,6 +131,16 @@ def test_refusals_before_probing(parent, toy_shard, tmp_path):
     bare.commit(parent.vectors, parent.provenance, {"probe": None}, parent=1)
     with pytest.raises(ExtendError, match="records no probe settings"):
         open_parent(parent.path)
+
+
+def test_an_unusable_out_is_refused_before_ray(parent, tmp_path):
+    (tmp_path / "file").write_text("")
+    for out, error in ((tmp_path / "file" / "run", "is a file, not a directory"),
+                       (parent.path, "a directory of their own")):
+        args = argparse.Namespace(codebook=str(parent.path), parent=None, config=None, set=[], model=None,
+                                  shards=["x.tar"], out=str(out), actors=None)
+        with pytest.raises(ValueError, match=error):
+            prepare(args)
 
 
 def test_a_version_without_a_pool_is_refused(parent):

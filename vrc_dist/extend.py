@@ -163,6 +163,7 @@ def prepare(args: argparse.Namespace) -> tuple[Codebook, BuildConfig]:
     parent = open_parent(args.codebook, args.parent)
     cfg = extend_config(parent, args.config, args.set, model=args.model, shards=args.shards, out=args.out,
                         actors=args.actors)
+    build.check_output(cfg)  # before Ray starts: an unusable --out is the user's to fix, in one line
     return parent, cfg
 
 
