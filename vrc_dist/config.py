@@ -6,7 +6,6 @@ name the offending key: a typo in a threshold must never silently fall back to a
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import tomllib
 import types
@@ -82,6 +81,8 @@ class BuildConfig:
     """A distributed identify run: shards in, Parquet metrics out, then a codebook version."""
 
     shards: list[str] = field(default_factory=list)
+    # `pipe:` shard URLs run a shell command (webdataset's convention); a config file must opt in to them
+    allow_pipe_shards: bool = False
     out: str = "out/build"
     # None: one per GPU, or 2 CPU actors on a CPU-only cluster
     actors: int | None = field(default=None, metadata=at_least(1))
@@ -179,7 +180,18 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {e}") from e
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
+    _refuse_pipe_shards(data or {}, path)
     return data or {}
+
+
+def _refuse_pipe_shards(data: dict, path: Path) -> None:
+    """A config file received from someone else must not run commands here unless it says so openly.
+    Shards typed on the command line (`--shards`, `--set`) are the user's own and need no opt-in."""
+    shards = data.get("shards") or []
+    piped = [s for s in ([shards] if isinstance(shards, str) else shards) if str(s).startswith("pipe:")]
+    if piped and data.get("allow_pipe_shards") is not True:
+        raise ConfigError(f"{path}: shard {piped[0]!r} is a pipe: URL, which runs a shell command; a config "
+                          "file must opt in with `allow_pipe_shards: true`")
 
 
 def apply_override(data: dict, override: str) -> None:
@@ -218,7 +230,3 @@ def load_probe_config(path: str | Path | None = None, overrides: list[str] | Non
     if not path and data.get("model", ProbeConfig.model) == "toy":
         data = {**read_config_file(TOY_CONFIG)["probe"], **data}
     return from_dict(ProbeConfig, data, "probe")
-
-
-def dumps(cfg) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)

@@ -123,3 +123,18 @@ def test_shard_names_from_hostile_urls_stay_inside_the_output(tmp_path, url):
     out = (tmp_path / "out").resolve()
     for t in TABLES:
         assert table_path(out, t, name).resolve().parent == out / t
+
+
+def test_a_config_file_runs_no_pipe_shard_unless_it_opts_in(tmp_path):
+    from vrc_dist.config import BuildConfig, ConfigError, load
+
+    marker = tmp_path / "ran"
+    received = tmp_path / "received.yaml"
+    received.write_text(f"shards: ['pipe:touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"received.yaml: shard 'pipe:touch .*runs a shell command.*allow_pipe_shards"):
+        load(BuildConfig, received)
+    received.write_text(f"shards: ['pipe:touch {marker}']\nallow_pipe_shards: true\n")
+    assert load(BuildConfig, received).shards == [f"pipe:touch {marker}"]
+    # Typed by the user on the command line, a pipe: URL needs no opt-in; loading runs nothing either way.
+    assert load(BuildConfig, None, [f"shards=pipe:touch {marker}"]).shards == [f"pipe:touch {marker}"]
+    assert not marker.exists()
