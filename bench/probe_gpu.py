@@ -4,8 +4,8 @@ Shape: CLIP ViT-L/14 at 336 px (24x24 grid, L = 576, feature layer -2), 2-layer 
 with D = 4096, 32 layers (`--layers` fewer), FFN 11008, vocabulary 32064, bf16. Weights are random:
 the cost of the probe does not depend on them.
 
-Two efficiency figures per image (DESIGN.md §6):
-- floor: the method's work counted as DESIGN.md does, every variant a full sequence through the LM
+Two efficiency figures per image (docs/METHOD.md, Cost):
+- floor: the method's work counted as docs/METHOD.md (Cost) does, every variant a full sequence through the LM
   (single L x (P+1+S), region 2L x (P+9+S), global (L+1) x (P+L+S)); `floor fraction` = the time that
   work takes at the GPU's peak / the measured time. Above 1 is possible: the engine skips work by
   caching the prompt prefix and the intact image's prefix and by sharing windows.

@@ -1,4 +1,4 @@
-"""Global clustering stage (DESIGN.md §2 step 8): candidates of metric datasets -> a codebook version.
+"""Global clustering stage (docs/METHOD.md step 8): candidates of metric datasets -> a codebook version.
 
 All candidates are sorted by (key, token_index) before clustering, so the result depends only on the set of
 candidates, not on file or dataset order. That is what makes extending v1 (datasets A) with B produce exactly

@@ -1,4 +1,4 @@
-"""The versioned codebook store (DESIGN.md §5): immutable versions v0001, v0002, ... of redundant prototypes.
+"""The versioned codebook store (docs/CONTRACTS.md): immutable versions v0001, v0002, ... of redundant prototypes.
 
 Layout of a codebook directory:
     manifest.json          format, name, model id, embedding dim, and an index of the versions
@@ -402,7 +402,7 @@ class Codebook:
         return self._index.search(normalise(q), k)
 
     def max_similarity(self, vectors: np.ndarray) -> np.ndarray:
-        """s(v) = max over prototypes of cos(v, prototype) (DESIGN.md §2 step 9)."""
+        """s(v) = max over prototypes of cos(v, prototype) (docs/METHOD.md step 9)."""
         return self.search(vectors, 1)[0][:, 0]
 
     def lookup(self, ids) -> pa.Table:

@@ -1,6 +1,6 @@
 """Typed configuration: dataclasses loaded from YAML/TOML, overridable with `section.key=value`.
 
-Defaults are the reference values of DESIGN.md §2. Unknown keys and wrong types are errors that
+Defaults are the reference values of docs/METHOD.md. Unknown keys and wrong types are errors that
 name the offending key: a typo in a threshold must never silently fall back to a default.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 @dataclass
 class ProbeConfig:
-    """Everything the three probe passes and the per-image filter depend on (DESIGN.md §2 steps 1-7)."""
+    """Everything the three probe passes and the per-image filter depend on (docs/METHOD.md steps 1-7)."""
 
     model: str = "toy"
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -64,7 +64,7 @@ class ProbeConfig:
 
 @dataclass
 class ClusterConfig:
-    """Global DPC-KNN over candidates from all images (DESIGN.md §2 step 8)."""
+    """Global DPC-KNN over candidates from all images (docs/METHOD.md step 8)."""
 
     k: int = field(default=5, metadata=at_least(1))
     n_clusters: int = field(default=64, metadata=at_least(1))

@@ -1,4 +1,4 @@
-"""How far apart two first-token distributions are (DESIGN.md §2 step 5), and how confident one is (step 2).
+"""How far apart two first-token distributions are (docs/METHOD.md step 5), and how confident one is (step 2).
 
 Both work on the top-k head of a distribution only: the long tail of a 32k-152k vocabulary is noise
 for a one-word answer, and the released thresholds were calibrated on these truncated quantities.

@@ -1,4 +1,4 @@
-"""DPC-KNN as TCFormer's `cluster_dpc_knn` computes it (DESIGN.md §2), exact and with FAISS.
+"""DPC-KNN as TCFormer's `cluster_dpc_knn` computes it (docs/METHOD.md), exact and with FAISS.
 
 `dpc_knn_exact` builds the N x N distance matrix: the reference, for one image's tokens.
 `dpc_knn_faiss` never does, and returns the same labels wherever its kNN search is exact ("flat").

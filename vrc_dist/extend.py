@@ -1,4 +1,4 @@
-"""Extend a codebook (DESIGN.md §5): probe only images its parent version has not seen, then re-cluster the
+"""Extend a codebook (docs/CONTRACTS.md): probe only images its parent version has not seen, then re-cluster the
 parent's candidate pool plus the new candidates and commit the next version.
 
 The parent version's pool lives in the codebook directory (vrc_dist/codebook.py), so extension needs nothing

@@ -1,4 +1,4 @@
-"""Per-token redundancy metrics for one image (DESIGN.md §2 steps 1-7): ask the language model.
+"""Per-token redundancy metrics for one image (docs/METHOD.md steps 1-7): ask the language model.
 
 Three kinds of variants of the image's visual block go through the LM, and only the first
 generated token's logits are read:

@@ -16,7 +16,7 @@ HEADERS = {"token_index": "token", "image_cluster": "cl", "image_cluster_size": 
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("probe", help="probe one image's visual tokens (DESIGN.md §2 steps 1-7)")
+    p = subparsers.add_parser("probe", help="probe one image's visual tokens (docs/METHOD.md steps 1-7)")
     p.add_argument("--model", help="toy, a LLaVA checkpoint directory, or a hub id in the local cache (default: config's)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", help="write the tokens table to this Parquet file instead of printing it")

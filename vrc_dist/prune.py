@@ -1,4 +1,4 @@
-"""Identify-then-probe at inference (DESIGN.md §2 step 9): drop visual tokens before the LLM's first layer.
+"""Identify-then-probe at inference (docs/METHOD.md step 9): drop visual tokens before the LLM's first layer.
 
     with prune_visual_tokens(model, "toy", keep=0.111) as pruner:
         out = model.generate(**inputs)
