@@ -36,7 +36,9 @@ def local_ray(**init_kwargs):
     ray_constants.ENABLE_RAY_CLUSTER = False
     Config.initialize("")
     try:
-        ray.init(_node_ip_address=LOOPBACK, include_dashboard=False, **init_kwargs)
+        # "local": a new instance even where `ray start` left a cluster address on this machine, which an
+        # address of None would join (ray._private.services.get_ray_address_from_environment).
+        ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, **init_kwargs)
         try:
             node_ip = ray.util.get_node_ip_address()
             if node_ip != LOOPBACK:  # a Ray upgrade that moved the switch must not go unnoticed
