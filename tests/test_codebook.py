@@ -150,6 +150,31 @@ def test_racing_writers_exactly_one_wins(book):
     assert not [p for p in book.iterdir() if p.name.startswith(".tmp")]  # the loser cleaned up
 
 
+def _stale_racer(path, results, seed):
+    try:
+        cb = Codebook.at(path)
+        results.put(("ok", cb.commit(*protos(12, seed), {"note": f"seed {seed}"}, parent=1, latest=1)))
+    except CodebookError as e:
+        results.put(("error", str(e)))
+
+
+def test_writers_started_on_one_version_cannot_fork_the_lineage(book):
+    """Two runs that both started from v0001: however their commits interleave, exactly one lands."""
+    commit(book, seed=1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_stale_racer, args=(str(book), results, s)) for s in (10, 20)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [o[0] for o in outcomes] == ["error", "ok"], outcomes
+    assert outcomes[1][1] == 2 and "v0002" in outcomes[0][1]
+    cb = Codebook.at(book)
+    assert cb.versions() == [1, 2] and [cb.version_params(v)["parent"] for v in (1, 2)] == [None, 1]
+
+
 def _commit_crashing_at(path, step):
     """A writer killed (os._exit: no cleanup, no finally) at one step of the commit."""
     die = lambda *args, **kwargs: os._exit(17)  # noqa: E731

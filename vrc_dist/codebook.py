@@ -66,6 +66,18 @@ class CodebookError(ValueError):
     pass
 
 
+class StaleParent(CodebookError):
+    """A commit built on a version that another run has since superseded: committing would fork the lineage."""
+
+    def __init__(self, message: str, latest: int):
+        super().__init__(message)
+        self.latest = latest
+
+
+# `commit(latest=ANY)`: the caller does not care what the latest version is (imports, tests of the store).
+ANY = object()
+
+
 def codebooks_root() -> Path:
     """Where bare codebook names are looked up: $VRC_CODEBOOKS, else ./codebooks."""
     return Path(os.environ.get("VRC_CODEBOOKS", "codebooks"))
@@ -273,10 +285,12 @@ class Codebook:
         _fsync(final.parent)
 
     def commit(self, vectors: np.ndarray, provenance: pa.Table, params: dict,
-               parent: int | None = None, pool: list[dict] | tuple = ()) -> int:
+               parent: int | None = None, pool: list[dict] | tuple = (), latest=ANY) -> int:
         """Publish the next version atomically and return its number.
 
-        `pool` entries (see the module doc) must name files already added with `add_to_pool`.
+        `pool` entries (see the module doc) must name files already added with `add_to_pool`. `latest` is the
+        latest version the caller saw when it started (None: none); if another has been committed since, the
+        commit raises StaleParent instead of forking the lineage (optimistic concurrency).
 
         Raises CodebookError if another writer published that number first: the caller built on a state
         that is no longer the latest, so it must re-read and retry rather than silently overwrite.
@@ -304,7 +318,11 @@ class Codebook:
         if parent is not None and parent not in existing:
             raise CodebookError(f"parent version {parent} not in {self.path}; available: {_names(existing)}")
         # Numbered after every vNNNN directory, complete or not: a damaged one is skipped, never reused.
+        # The number is chosen before the staleness check looks, and a published version is complete the moment
+        # it appears, so two writers on one base either pick the same number (the rename lets one win) or the
+        # later one sees the other's version in the check.
         version = max(self._numbered_dirs(), default=0) + 1
+        self._check_latest(latest, self.versions())
         meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
                 "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool)}
 
@@ -326,16 +344,22 @@ class Codebook:
                 os.rename(tmp, self.path / version_dir_name(version))
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise CodebookError(
+                    raise StaleParent(
                         f"{version_dir_name(version)} of {self.path} was committed by another writer first; "
-                        "re-open the codebook and rebuild on the new latest version"
-                    ) from None
+                        "re-open the codebook and rebuild on the new latest version", version) from None
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync(self.path)  # the rename itself
         self._write_manifest()
         return version
+
+    def _check_latest(self, latest, existing: list[int]) -> None:
+        now = existing[-1] if existing else None
+        if latest is not ANY and now != latest:
+            seen = version_dir_name(latest) if latest else "no version"
+            raise StaleParent(f"{seen} is no longer the latest version of {self.path} ({version_dir_name(now)} "
+                              "is, committed by another run)", now)
 
     def _pool_digests(self) -> set[str]:
         return {f.name.removesuffix(".parquet") for f in (self.path / POOL).glob("*.parquet")}
