@@ -401,3 +401,31 @@ def test_cli_query_with_a_real_tiny_llava(tmp_path, capsys):
     Codebook.create(tmp_path / "wide", "w", "m", dim + 1).commit(np.ones((1, dim + 1), np.float32), prov.slice(0, 1), {})
     assert main(args[:2] + ["--codebook", str(tmp_path / "wide")] + args[4:]) == 2
     assert f"has dim {dim + 1}, model {model} has dim {dim}" in capsys.readouterr().err
+
+
+def test_a_lost_manifest_is_reported_and_repaired(book, capsys):
+    from vrc_dist.cli import main
+
+    commit(book, seed=1)
+    commit(book, seed=2, parent=1)
+    (book / "manifest.json").unlink()
+    for argv in (["codebook", "list", str(book)], ["codebook", "show", "--codebook", str(book)]):
+        assert main(argv) != 0
+        assert f"manifest.json is missing but version directories are there; rebuild it with `vrc codebook " \
+               f"repair {book}`" in capsys.readouterr().err
+    assert main(["codebook", "repair", str(book)]) == 0
+    cb = Codebook.open(book)
+    assert (cb.name, cb.model_id, cb.dim, cb.version) == ("test", "toy-model", DIM, 2)
+    assert [e["version"] for e in json.loads((book / "manifest.json").read_text())["versions"]] == [1, 2]
+
+
+def test_repair_of_versions_that_predate_the_record_needs_name_and_model(book):
+    commit(book, seed=1)
+    params = book / "v0001" / "params.json"
+    os.chmod(params, 0o644)
+    params.write_text(json.dumps({k: v for k, v in json.loads(params.read_text()).items() if k != "codebook"}))
+    (book / "manifest.json").unlink()
+    with pytest.raises(CodebookError, match="give --name and --model-id"):
+        Codebook.repair(book)
+    assert Codebook.repair(book, name="old", model_id="m0").name == "old"
+    assert Codebook.at(book).model_id == "m0"

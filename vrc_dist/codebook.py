@@ -58,7 +58,7 @@ PROVENANCE_SCHEMA = pa.schema(
     ]
 )
 # params.json keys the store itself writes; a caller's params may not shadow them.
-RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "pool")
+RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "pool", "codebook")
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 
 
@@ -94,6 +94,10 @@ def resolve_path(path: str | Path) -> Path:
     if not p.exists() and (codebooks_root() / p).is_dir():
         return codebooks_root() / p
     return p
+
+
+def has_version_dirs(path: Path) -> bool:
+    return path.is_dir() and any(_VERSION_DIR.match(e.name) and e.is_dir() for e in path.iterdir())
 
 
 def version_dir_name(version: int) -> str:
@@ -214,6 +218,9 @@ class Codebook:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
+            if has_version_dirs(path):
+                raise CodebookError(f"{path}: {MANIFEST} is missing but version directories are there; rebuild it "
+                                    f"with `vrc codebook repair {path}`") from None
             raise CodebookError(f"not a codebook (no {MANIFEST}): {path}") from None
         except json.JSONDecodeError as e:
             raise CodebookError(f"{path / MANIFEST}: not valid JSON: {e}") from None
@@ -221,6 +228,28 @@ class Codebook:
         if missing:
             raise CodebookError(f"{path / MANIFEST}: missing {missing}")
         return cls(path, manifest)
+
+    @classmethod
+    def repair(cls, path: str | Path, name: str | None = None, model_id: str | None = None) -> Codebook:
+        """Rebuild a lost or damaged manifest from the complete versions (the truth, see the module doc); name,
+        model id and dim come from the latest version's params.json (versions older than that record give
+        `name` and `model_id`)."""
+        path = resolve_path(path)
+        probe = cls(path, {"name": name, "model_id": model_id, "dim": 1})
+        versions = probe.versions() if path.is_dir() else []
+        if not versions:
+            raise CodebookError(f"{path}: no complete version to rebuild {MANIFEST} from")
+        params = probe.version_params(versions[-1])
+        recorded = params.get("codebook") or {}
+        manifest = {"name": name or recorded.get("name"), "model_id": model_id or recorded.get("model_id"),
+                    "dim": params["dim"]}
+        missing = [f"--{k.replace('_', '-')}" for k in ("name", "model_id") if not manifest[k]]
+        if missing:
+            raise CodebookError(f"{path}: v{versions[-1]:04d} does not record the codebook's name and model id; "
+                                f"give {' and '.join(missing)}")
+        cb = cls(path, manifest)
+        cb._write_manifest()
+        return cb
 
     def _numbered_dirs(self) -> dict[int, Path]:
         return {int(m.group(1)): e for e in self.path.iterdir() if (m := _VERSION_DIR.match(e.name)) and e.is_dir()}
@@ -324,7 +353,8 @@ class Codebook:
         version = max(self._numbered_dirs(), default=0) + 1
         self._check_latest(latest, self.versions())
         meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
-                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool)}
+                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool),
+                "codebook": {"name": self.name, "model_id": self.model_id}}  # so `repair` can rebuild the manifest
 
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_dir_name(version)}-", dir=self.path))
         try:
