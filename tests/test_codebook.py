@@ -413,6 +413,8 @@ def test_a_lost_manifest_is_reported_and_repaired(book, capsys):
         assert main(argv) != 0
         assert f"manifest.json is missing but version directories are there; rebuild it with `vrc codebook " \
                f"repair {book}`" in capsys.readouterr().err
+    assert main(["doctor", str(book)]) == 1
+    assert f"rebuild it with `vrc codebook repair {book}`" in capsys.readouterr().out
     assert main(["codebook", "repair", str(book)]) == 0
     cb = Codebook.open(book)
     assert (cb.name, cb.model_id, cb.dim, cb.version) == ("test", "toy-model", DIM, 2)
