@@ -24,7 +24,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from vrc_dist import build, config
-from vrc_dist.clustering import ClusteringError, build_version, check_extendable, check_new_images, dataset_entries
+from vrc_dist.clustering import (
+    PROBE_SPEED_ONLY, ClusteringError, build_version, check_extendable, check_new_images, dataset_entries,
+)
 from vrc_dist.codebook import Codebook, CodebookError, StaleParent, parse_version
 from vrc_dist.config import BuildConfig, ConfigError, to_dict
 from vrc_dist.metrics_store import Manifest
@@ -76,7 +78,7 @@ def extend_config(parent: Codebook, config_path: str | None = None, overrides: l
     where = f"v{parent.version:04d} of {parent.path}"
     recorded = config.to_dict(config.from_dict(config.ProbeConfig, parent.params["probe"], f"{where} probe"))
     changed = {k: (recorded[k], v) for k, v in to_dict(cfg.probe).items()
-               if k not in build.PROBE_SPEED_ONLY and v != recorded[k]}
+               if k not in PROBE_SPEED_ONLY and v != recorded[k]}
     if changed:
         detail = ", ".join(f"probe.{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ExtendError(f"extending {where} must probe with the settings it was built with; this run changes "
