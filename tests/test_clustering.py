@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vrc_dist.clustering import ClusteringError, build_version, cluster_candidates, read_candidates
-from vrc_dist.codebook import Codebook, CodebookError
+from vrc_dist.clustering import AlreadyCommitted, ClusteringError, build_version, cluster_candidates, read_candidates
+from vrc_dist.codebook import Codebook, CodebookError, StaleParent
 from vrc_dist.config import ClusterConfig
 
 DIM = 8
@@ -184,3 +184,32 @@ def test_cli_list_show_diff_export_import(tmp_path, capsys):
     capsys.readouterr()
     assert main(["codebook", "show", "--codebook", cb, "--version", "7"]) == 2
     assert "v0007 not in codebook" in capsys.readouterr().err
+
+
+def test_rebuilding_the_same_inputs_commits_nothing(tmp_path):
+    a = write_dataset(tmp_path / "a", "a", 12)
+    probe = {"model": "toy", "k_global": 8, "device": "cpu"}
+    assert build_version(tmp_path / "cb", [a], cfg(), model_id="toy", probe=probe) == 1
+    with pytest.raises(AlreadyCommitted, match="v0001 already holds exactly these candidates"):
+        build_version(tmp_path / "cb", [a], cfg(use_gpu=True), probe={**probe, "device": "cuda"})  # speed only
+    assert Codebook.at(tmp_path / "cb").versions() == [1]
+    assert build_version(tmp_path / "cb", [a], cfg(n_clusters=3), probe=probe) == 2  # other cluster settings
+
+
+def test_build_with_other_probe_settings_needs_new_lineage(tmp_path):
+    a = write_dataset(tmp_path / "a", "a", 12)
+    build_version(tmp_path / "cb", [a], cfg(), model_id="toy", probe={"model": "toy", "k_global": 8})
+    with pytest.raises(CodebookError, match=r"other probe settings \(probe.k_global: 8 -> 4\).*--new-lineage"):
+        build_version(tmp_path / "cb", [a], cfg(), probe={"model": "toy", "k_global": 4})
+    assert Codebook.at(tmp_path / "cb").versions() == [1]
+    assert build_version(tmp_path / "cb", [a], cfg(), probe={"model": "toy", "k_global": 4}, new_lineage=True) == 2
+    assert Codebook.open(tmp_path / "cb").params["new_lineage"] is True
+
+
+def test_a_build_overtaken_while_clustering_is_refused(tmp_path):
+    a, b = write_dataset(tmp_path / "a", "a", 12), write_dataset(tmp_path / "b", "b", 12)
+    build_version(tmp_path / "cb", [a], cfg(), model_id="toy")
+    build_version(tmp_path / "cb", [b], cfg(), parent=1)  # another run, committed after ours started on v0001
+    with pytest.raises(StaleParent, match=r"v0001 is no longer the latest version .*\(v0002 is"):
+        build_version(tmp_path / "cb", [b], cfg(), parent=1, latest=1)
+    assert Codebook.at(tmp_path / "cb").versions() == [1, 2]

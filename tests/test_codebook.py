@@ -150,6 +150,31 @@ def test_racing_writers_exactly_one_wins(book):
     assert not [p for p in book.iterdir() if p.name.startswith(".tmp")]  # the loser cleaned up
 
 
+def _stale_racer(path, results, seed):
+    try:
+        cb = Codebook.at(path)
+        results.put(("ok", cb.commit(*protos(12, seed), {"note": f"seed {seed}"}, parent=1, latest=1)))
+    except CodebookError as e:
+        results.put(("error", str(e)))
+
+
+def test_writers_started_on_one_version_cannot_fork_the_lineage(book):
+    """Two runs that both started from v0001: however their commits interleave, exactly one lands."""
+    commit(book, seed=1)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_stale_racer, args=(str(book), results, s)) for s in (10, 20)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [o[0] for o in outcomes] == ["error", "ok"], outcomes
+    assert outcomes[1][1] == 2 and "v0002" in outcomes[0][1]
+    cb = Codebook.at(book)
+    assert cb.versions() == [1, 2] and [cb.version_params(v)["parent"] for v in (1, 2)] == [None, 1]
+
+
 def _commit_crashing_at(path, step):
     """A writer killed (os._exit: no cleanup, no finally) at one step of the commit."""
     die = lambda *args, **kwargs: os._exit(17)  # noqa: E731
@@ -376,3 +401,33 @@ def test_cli_query_with_a_real_tiny_llava(tmp_path, capsys):
     Codebook.create(tmp_path / "wide", "w", "m", dim + 1).commit(np.ones((1, dim + 1), np.float32), prov.slice(0, 1), {})
     assert main(args[:2] + ["--codebook", str(tmp_path / "wide")] + args[4:]) == 2
     assert f"has dim {dim + 1}, model {model} has dim {dim}" in capsys.readouterr().err
+
+
+def test_a_lost_manifest_is_reported_and_repaired(book, capsys):
+    from vrc_dist.cli import main
+
+    commit(book, seed=1)
+    commit(book, seed=2, parent=1)
+    (book / "manifest.json").unlink()
+    for argv in (["codebook", "list", str(book)], ["codebook", "show", "--codebook", str(book)]):
+        assert main(argv) != 0
+        assert f"manifest.json is missing but version directories are there; rebuild it with `vrc codebook " \
+               f"repair {book}`" in capsys.readouterr().err
+    assert main(["doctor", str(book)]) == 1
+    assert f"rebuild it with `vrc codebook repair {book}`" in capsys.readouterr().out
+    assert main(["codebook", "repair", str(book)]) == 0
+    cb = Codebook.open(book)
+    assert (cb.name, cb.model_id, cb.dim, cb.version) == ("test", "toy-model", DIM, 2)
+    assert [e["version"] for e in json.loads((book / "manifest.json").read_text())["versions"]] == [1, 2]
+
+
+def test_repair_of_versions_that_predate_the_record_needs_name_and_model(book):
+    commit(book, seed=1)
+    params = book / "v0001" / "params.json"
+    os.chmod(params, 0o644)
+    params.write_text(json.dumps({k: v for k, v in json.loads(params.read_text()).items() if k != "codebook"}))
+    (book / "manifest.json").unlink()
+    with pytest.raises(CodebookError, match="give --name and --model-id"):
+        Codebook.repair(book)
+    assert Codebook.repair(book, name="old", model_id="m0").name == "old"
+    assert Codebook.at(book).model_id == "m0"

@@ -12,13 +12,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vrc_dist import metrics_store, runner
+from vrc_dist.clustering import PROBE_SPEED_ONLY
 from vrc_dist.config import BuildConfig, to_dict
 from vrc_dist.metrics_store import TABLES, Manifest, table_path
 from vrc_dist.shards import ShardSpec, expand_shards
 
 log = logging.getLogger(__name__)
-# Probe settings that change how fast the numbers are computed, not what they are.
-PROBE_SPEED_ONLY = ("token_budget", "device")
 DUPLICATE_MARK = "the earlier one in the run's shard order"  # ends the error of a duplicate's row
 DUPLICATE_OF = "duplicate key {key!r}: kept in shard {owner}, " + DUPLICATE_MARK
 
@@ -154,15 +153,24 @@ def _read_images(out: Path, shard: str):
     return pq.read_table(table_path(out, "images", shard), columns=["key", "status", "error"])
 
 
-def run_codebook(cfg: BuildConfig) -> int | None:
-    """Cluster the run's candidates into the next codebook version, when a codebook is configured."""
+def run_codebook(cfg: BuildConfig) -> str | None:
+    """Cluster the run's candidates into the next codebook version, when a codebook is configured; returns the
+    line to report (the version committed, or why none was)."""
     if not cfg.codebook:
         return None
-    from vrc_dist.clustering import build_version
+    from vrc_dist.clustering import AlreadyCommitted, build_version
+    from vrc_dist.codebook import StaleParent
 
     model_info = Manifest.load(cfg.out).data.get("model_info") or {}
-    return build_version(cfg.codebook, [cfg.out], cfg.cluster, model_id=model_info.get("model_id"),
-                         name=cfg.codebook_name, probe=to_dict(cfg.probe))
+    try:
+        version = build_version(cfg.codebook, [cfg.out], cfg.cluster, model_id=model_info.get("model_id"),
+                                name=cfg.codebook_name, probe=to_dict(cfg.probe), new_lineage=cfg.new_lineage)
+    except AlreadyCommitted as e:
+        return str(e)
+    except StaleParent as e:
+        raise StaleParent(f"{e}; re-run the build to compare with v{e.latest:04d} (the metrics already probed "
+                          "in --out are reused)", e.latest) from None
+    return f"codebook: {cfg.codebook} v{version:04d}"
 
 
 def format_summary(summary: dict) -> str:

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="number of probe actors (default: one per GPU, else 2)")
     p.add_argument("--codebook", help="codebook directory to commit a version into after the metrics")
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already done")
+    p.add_argument("--new-lineage", action="store_true",
+                   help="commit into --codebook even though its latest version was probed with other settings")
 
 
 def reject_relative_paths(parser: argparse.ArgumentParser, paths: list[str]) -> None:
@@ -44,6 +46,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     cfg.overwrite = cfg.overwrite or args.overwrite
+    cfg.new_lineage = cfg.new_lineage or args.new_lineage
     return check_ranges(cfg)  # the flags were set after load's checks
 
 
@@ -57,9 +60,9 @@ def execute(cfg: BuildConfig) -> int:
         print(f"build failed: {e}", file=sys.stderr)
         return 1
     print(format_summary(summary), flush=True)  # before clustering, which can take a while or fail
-    version = run_codebook(cfg)
-    if version is not None:
-        print(f"codebook: {cfg.codebook} v{version:04d}")
+    line = run_codebook(cfg)
+    if line is not None:
+        print(line)
     return 0
 
 

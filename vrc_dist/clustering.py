@@ -15,11 +15,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vrc_dist.codebook import FORMAT, PROVENANCE_SCHEMA, Codebook, CodebookError, sha256_file
+from vrc_dist.codebook import ANY, FORMAT, MANIFEST, PROVENANCE_SCHEMA, Codebook, CodebookError, sha256_file
 from vrc_dist.config import ClusterConfig
 from vrc_dist.dpc import dpc_knn
 
 CANDIDATE_COLUMNS = ["key", "shard", "token_index", "vector"]
+# Settings that change how fast a version is computed, not what it is.
+PROBE_SPEED_ONLY = ("token_budget", "device")
+CLUSTER_SPEED_ONLY = ("use_gpu",)
 
 
 class ClusteringError(ValueError):
@@ -210,15 +213,27 @@ def _medoid(vectors: np.ndarray, members: np.ndarray) -> int:
     return int(members[np.argmin(((x - x.mean(axis=0)) ** 2).sum(axis=1))])
 
 
+class AlreadyCommitted(CodebookError):
+    """The latest version already holds exactly this build's candidates and settings."""
+
+    def __init__(self, message: str, version: int):
+        super().__init__(message)
+        self.version = version
+
+
 def build_version(codebook_dir: str | Path, dataset_dirs: list[str | Path], cluster_cfg: ClusterConfig,
                   parent: int | None = None, model_id: str | None = None, name: str | None = None,
-                  probe: dict | None = None) -> int:
+                  probe: dict | None = None, latest=ANY, new_lineage: bool = False) -> int:
     """Cluster the candidates of `dataset_dirs` (plus the parent version's pool) and commit the next version.
 
     With a parent this is *extend*: the parent's pool is read from the codebook's pool/, every file checked
     against its sha256 (a changed pool would make the new version silently different from a fresh build), and
     clustered together with the new datasets. `probe` (probe config, divergence convention) is recorded as given;
     an extension without one inherits the parent's. The codebook is created when it does not exist yet.
+
+    `latest` is the latest version the caller started from (Codebook.commit). A build without a parent into an
+    existing codebook is checked against its latest version (compare_with_latest) and, by default, must not
+    have been overtaken by another commit while it clustered.
     """
     codebook_dir = Path(codebook_dir)
     base = None
@@ -226,14 +241,60 @@ def build_version(codebook_dir: str | Path, dataset_dirs: list[str | Path], clus
         base = Codebook.open(codebook_dir, version=parent)
         check_extendable(base)
         probe = base.params.get("probe") if probe is None else probe
+    elif latest is ANY:
+        latest = latest_version(codebook_dir)
     pool = read_candidates(dataset_dirs, base)
+    source = f"the candidates of {[str(d) for d in dataset_dirs]}"
+    if parent is None and latest not in (ANY, None) and not new_lineage:
+        # An existing codebook: model and dim are checked first, and a no-op build should not cluster at all.
+        existing = Codebook.open_or_create(codebook_dir, pool.vectors.shape[1], source, model_id, name)
+        compare_with_latest(existing, latest, pool.entries, cluster_cfg, probe)
     protos = cluster_candidates(pool, cluster_cfg)
-    store = Codebook.open_or_create(codebook_dir, pool.vectors.shape[1],
-                                    f"the candidates of {[str(d) for d in dataset_dirs]}", model_id, name)
+    store = Codebook.open_or_create(codebook_dir, pool.vectors.shape[1], source, model_id, name)
     for digest, src in pool.sources.items():
         store.add_to_pool(src, digest)
     params = {"cluster": dataclasses.asdict(cluster_cfg), "probe": probe, "clustering": protos.stats}
-    return store.commit(protos.vectors, protos.provenance, params, parent=parent, pool=pool.entries)
+    if new_lineage:
+        params["new_lineage"] = True
+    return store.commit(protos.vectors, protos.provenance, params, parent=parent, pool=pool.entries, latest=latest)
+
+
+def latest_version(codebook_dir: Path) -> int | None:
+    """The latest complete version of a codebook, None when it does not exist or has none."""
+    if not (codebook_dir / MANIFEST).exists():
+        return None
+    return (Codebook.at(codebook_dir).versions() or [None])[-1]
+
+
+def compare_with_latest(store: Codebook, latest: int, entries: list[dict], cluster_cfg: ClusterConfig,
+                        probe: dict | None) -> None:
+    """Refuse a build whose probe settings differ from the latest version's (its candidates would silently
+    replace a different kind); raise AlreadyCommitted when the latest already holds exactly this build."""
+    recorded = store.version_params(latest)
+    where = f"codebook {store.path} v{latest:04d}"
+    if isinstance(recorded.get("probe"), dict) and probe is not None:
+        changed = _changed(recorded["probe"], probe, PROBE_SPEED_ONLY)
+        if changed:
+            detail = ", ".join(f"probe.{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise CodebookError(f"{where} was built with other probe settings ({detail}); use another --codebook, "
+                                "or --new-lineage to make this build its latest version anyway")
+    digests = lambda es: sorted((e["candidates"], e["images"] or "") for e in es)  # noqa: E731
+    if (digests(recorded.get("pool", [])) == digests(entries) and _same_probe(recorded.get("probe"), probe)
+            and not _changed(recorded.get("cluster") or {}, dataclasses.asdict(cluster_cfg), CLUSTER_SPEED_ONLY)):
+        raise AlreadyCommitted(f"{where} already holds exactly these candidates and settings; nothing committed",
+                               latest)
+
+
+def _same_probe(recorded: dict | None, probe: dict | None) -> bool:
+    if isinstance(recorded, dict) and isinstance(probe, dict):
+        return not _changed(recorded, probe, PROBE_SPEED_ONLY)
+    return recorded == probe
+
+
+def _changed(recorded: dict, new: dict, ignored: tuple[str, ...]) -> dict:
+    """key -> (recorded, new) for every setting that differs, except the speed-only ones."""
+    return {k: (recorded.get(k), new.get(k)) for k in sorted(set(recorded) | set(new))
+            if k not in ignored and recorded.get(k) != new.get(k)}
 
 
 def check_extendable(base: Codebook) -> None:

@@ -58,12 +58,24 @@ PROVENANCE_SCHEMA = pa.schema(
     ]
 )
 # params.json keys the store itself writes; a caller's params may not shadow them.
-RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "pool")
+RESERVED_PARAMS = ("version", "parent", "created", "dim", "n_prototypes", "pool", "codebook")
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 
 
 class CodebookError(ValueError):
     pass
+
+
+class StaleParent(CodebookError):
+    """A commit built on a version that another run has since superseded: committing would fork the lineage."""
+
+    def __init__(self, message: str, latest: int):
+        super().__init__(message)
+        self.latest = latest
+
+
+# `commit(latest=ANY)`: the caller does not care what the latest version is (imports, tests of the store).
+ANY = object()
 
 
 def codebooks_root() -> Path:
@@ -82,6 +94,10 @@ def resolve_path(path: str | Path) -> Path:
     if not p.exists() and (codebooks_root() / p).is_dir():
         return codebooks_root() / p
     return p
+
+
+def has_version_dirs(path: Path) -> bool:
+    return path.is_dir() and any(_VERSION_DIR.match(e.name) and e.is_dir() for e in path.iterdir())
 
 
 def version_dir_name(version: int) -> str:
@@ -202,6 +218,9 @@ class Codebook:
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except FileNotFoundError:
+            if has_version_dirs(path):
+                raise CodebookError(f"{path}: {MANIFEST} is missing but version directories are there; rebuild it "
+                                    f"with `vrc codebook repair {path}`") from None
             raise CodebookError(f"not a codebook (no {MANIFEST}): {path}") from None
         except json.JSONDecodeError as e:
             raise CodebookError(f"{path / MANIFEST}: not valid JSON: {e}") from None
@@ -209,6 +228,28 @@ class Codebook:
         if missing:
             raise CodebookError(f"{path / MANIFEST}: missing {missing}")
         return cls(path, manifest)
+
+    @classmethod
+    def repair(cls, path: str | Path, name: str | None = None, model_id: str | None = None) -> Codebook:
+        """Rebuild a lost or damaged manifest from the complete versions (the truth, see the module doc); name,
+        model id and dim come from the latest version's params.json (versions older than that record give
+        `name` and `model_id`)."""
+        path = resolve_path(path)
+        probe = cls(path, {"name": name, "model_id": model_id, "dim": 1})
+        versions = probe.versions() if path.is_dir() else []
+        if not versions:
+            raise CodebookError(f"{path}: no complete version to rebuild {MANIFEST} from")
+        params = probe.version_params(versions[-1])
+        recorded = params.get("codebook") or {}
+        manifest = {"name": name or recorded.get("name"), "model_id": model_id or recorded.get("model_id"),
+                    "dim": params["dim"]}
+        missing = [f"--{k.replace('_', '-')}" for k in ("name", "model_id") if not manifest[k]]
+        if missing:
+            raise CodebookError(f"{path}: v{versions[-1]:04d} does not record the codebook's name and model id; "
+                                f"give {' and '.join(missing)}")
+        cb = cls(path, manifest)
+        cb._write_manifest()
+        return cb
 
     def _numbered_dirs(self) -> dict[int, Path]:
         return {int(m.group(1)): e for e in self.path.iterdir() if (m := _VERSION_DIR.match(e.name)) and e.is_dir()}
@@ -273,10 +314,12 @@ class Codebook:
         _fsync(final.parent)
 
     def commit(self, vectors: np.ndarray, provenance: pa.Table, params: dict,
-               parent: int | None = None, pool: list[dict] | tuple = ()) -> int:
+               parent: int | None = None, pool: list[dict] | tuple = (), latest=ANY) -> int:
         """Publish the next version atomically and return its number.
 
-        `pool` entries (see the module doc) must name files already added with `add_to_pool`.
+        `pool` entries (see the module doc) must name files already added with `add_to_pool`. `latest` is the
+        latest version the caller saw when it started (None: none); if another has been committed since, the
+        commit raises StaleParent instead of forking the lineage (optimistic concurrency).
 
         Raises CodebookError if another writer published that number first: the caller built on a state
         that is no longer the latest, so it must re-read and retry rather than silently overwrite.
@@ -304,9 +347,14 @@ class Codebook:
         if parent is not None and parent not in existing:
             raise CodebookError(f"parent version {parent} not in {self.path}; available: {_names(existing)}")
         # Numbered after every vNNNN directory, complete or not: a damaged one is skipped, never reused.
+        # The number is chosen before the staleness check looks, and a published version is complete the moment
+        # it appears, so two writers on one base either pick the same number (the rename lets one win) or the
+        # later one sees the other's version in the check.
         version = max(self._numbered_dirs(), default=0) + 1
+        self._check_latest(latest, self.versions())
         meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
-                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool)}
+                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool),
+                "codebook": {"name": self.name, "model_id": self.model_id}}  # so `repair` can rebuild the manifest
 
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_dir_name(version)}-", dir=self.path))
         try:
@@ -326,16 +374,22 @@ class Codebook:
                 os.rename(tmp, self.path / version_dir_name(version))
             except OSError as e:
                 if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise CodebookError(
+                    raise StaleParent(
                         f"{version_dir_name(version)} of {self.path} was committed by another writer first; "
-                        "re-open the codebook and rebuild on the new latest version"
-                    ) from None
+                        "re-open the codebook and rebuild on the new latest version", version) from None
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _fsync(self.path)  # the rename itself
         self._write_manifest()
         return version
+
+    def _check_latest(self, latest, existing: list[int]) -> None:
+        now = existing[-1] if existing else None
+        if latest is not ANY and now != latest:
+            seen = version_dir_name(latest) if latest else "no version"
+            raise StaleParent(f"{seen} is no longer the latest version of {self.path} ({version_dir_name(now)} "
+                              "is, committed by another run)", now)
 
     def _pool_digests(self) -> set[str]:
         return {f.name.removesuffix(".parquet") for f in (self.path / POOL).glob("*.parquet")}

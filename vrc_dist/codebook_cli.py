@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from vrc_dist.codebook import (
-    MANIFEST, Codebook, codebooks_root, export_reference, import_reference, resolve_path, version_dir_name,
+    MANIFEST, Codebook, codebooks_root, export_reference, has_version_dirs, import_reference, resolve_path,
+    version_dir_name,
 )
 
 
@@ -21,6 +22,12 @@ def register(subparsers) -> None:
     s.add_argument("--codebook", default=None,
                    help=f"a codebook or a folder of codebooks (default: $VRC_CODEBOOKS or {codebooks_root()})")
     s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("repair", help="rebuild a lost or damaged manifest.json from the complete versions")
+    s.add_argument("path", help="the codebook directory")
+    s.add_argument("--name", default=None, help="needed only when no version records it")
+    s.add_argument("--model-id", default=None, help="needed only when no version records it")
+    s.set_defaults(func=cmd_repair)
 
     s = sub.add_parser("show", help="one version: parameters, inputs, clusters (verifies checksums)")
     s.add_argument("--codebook", required=True, **where)
@@ -66,8 +73,8 @@ def cmd_list(args) -> None:
     root = resolve_path(given) if given else codebooks_root()
     if given and not root.exists():
         raise FileNotFoundError(f"{given}: no such codebook or folder of codebooks")
-    if (root / MANIFEST).exists():
-        cb = Codebook.at(root)
+    if (root / MANIFEST).exists() or has_version_dirs(root):
+        cb = Codebook.at(root)  # without its manifest: says how to repair it
         print(f"{cb.name}  model={cb.model_id}  dim={cb.dim}  {root}")
         for v in cb.versions():
             p = cb.version_params(v)
@@ -83,6 +90,12 @@ def cmd_list(args) -> None:
         versions = cb.versions()
         latest = version_dir_name(versions[-1]) if versions else "no versions"
         print(f"{d.name}  model={cb.model_id}  dim={cb.dim}  latest={latest}  ({len(versions)} versions)")
+
+
+def cmd_repair(args) -> None:
+    cb = Codebook.repair(args.path, args.name, args.model_id)
+    print(f"{cb.path / MANIFEST}: rebuilt with {len(cb.versions())} versions ({cb.name}, model={cb.model_id}, "
+          f"dim={cb.dim})")
 
 
 def cmd_show(args) -> None:

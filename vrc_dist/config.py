@@ -94,6 +94,7 @@ class BuildConfig:
     overwrite: bool = False
     codebook: str | None = None  # codebook directory to commit into; None: metrics only
     codebook_name: str | None = None
+    new_lineage: bool = False  # let a build with other probe settings become the codebook's latest version
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

@@ -85,7 +85,13 @@ def check(path: str | Path) -> tuple[str | None, list[Finding]]:
         report.error(path, "not a directory")
         return None, report.findings
     if not (path / "manifest.json").exists():
-        report.error(path, "no manifest.json: neither a metrics output directory nor a codebook")
+        from vrc_dist.codebook import has_version_dirs
+
+        if has_version_dirs(path):
+            report.error(path, f"no manifest.json but codebook version directories: rebuild it with "
+                               f"`vrc codebook repair {path}`")
+        else:
+            report.error(path, "no manifest.json: neither a metrics output directory nor a codebook")
         return None, report.findings
     kind = kind_of(path)
     if kind == "metrics":

@@ -24,8 +24,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from vrc_dist import build, config
-from vrc_dist.clustering import ClusteringError, build_version, check_extendable, check_new_images, dataset_entries
-from vrc_dist.codebook import Codebook, CodebookError, parse_version
+from vrc_dist.clustering import (
+    PROBE_SPEED_ONLY, ClusteringError, build_version, check_extendable, check_new_images, dataset_entries,
+)
+from vrc_dist.codebook import Codebook, CodebookError, StaleParent, parse_version
 from vrc_dist.config import BuildConfig, ConfigError, to_dict
 from vrc_dist.metrics_store import Manifest
 from vrc_dist.shards import SHARDS_HELP
@@ -76,7 +78,7 @@ def extend_config(parent: Codebook, config_path: str | None = None, overrides: l
     where = f"v{parent.version:04d} of {parent.path}"
     recorded = config.to_dict(config.from_dict(config.ProbeConfig, parent.params["probe"], f"{where} probe"))
     changed = {k: (recorded[k], v) for k, v in to_dict(cfg.probe).items()
-               if k not in build.PROBE_SPEED_ONLY and v != recorded[k]}
+               if k not in PROBE_SPEED_ONLY and v != recorded[k]}
     if changed:
         detail = ", ".join(f"probe.{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         raise ExtendError(f"extending {where} must probe with the settings it was built with; this run changes "
@@ -105,6 +107,7 @@ def run_extend(cfg: BuildConfig, parent: Codebook) -> dict:
     Returns the metrics summary with `extend` (the counts also written to the run's manifest) and `version`.
     """
     where = f"v{parent.version:04d}"
+    latest = parent.versions()[-1]  # what this run starts from: a version committed meanwhile must not be forked
     out = Path(cfg.out).resolve()
     if Manifest.load(out) is not None:  # a resumed extension, or an --out that is already in the pool
         try:
@@ -129,8 +132,12 @@ def run_extend(cfg: BuildConfig, parent: Codebook) -> dict:
     manifest.save()
 
     model_id = (manifest.data.get("model_info") or {}).get("model_id")
-    version = build_version(parent.path, [out], cfg.cluster, parent=parent.version, model_id=model_id,
-                            probe=to_dict(cfg.probe))
+    try:
+        version = build_version(parent.path, [out], cfg.cluster, parent=parent.version, model_id=model_id,
+                                probe=to_dict(cfg.probe), latest=latest)
+    except StaleParent as e:
+        raise ExtendError(f"{e}; re-run the extend on v{e.latest:04d} (--parent {e.latest}, or no --parent): "
+                          "the metrics already probed in --out are reused") from None
     counts["version"] = version
     manifest.data["extend"] = counts
     manifest.save()
