@@ -117,7 +117,7 @@ def test_pool_files_are_content_addressed_linked_shared_and_verified(book, tmp_p
         cb.pool_file(digest, "here")
 
 
-def _racer(path, barrier, results, seed):
+def _racer(path, barrier, seed, results):
     """Commit in a child process, but hold at the rename until the other racer has also chosen its number."""
     real_rename = os.rename
 
@@ -132,16 +132,23 @@ def _racer(path, barrier, results, seed):
         results.put(("error", seed, str(e)))
 
 
-def test_racing_writers_exactly_one_wins(book):
-    commit(book, seed=1)
-    ctx = mp.get_context("spawn")  # no fork: forking after OpenMP (faiss) has run can deadlock the child
-    barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(str(book), barrier, results, s)) for s in (10, 20)]
+def _race(ctx, target, args: list[tuple]) -> list[tuple]:
+    """Run target(*a, results) in one process per args tuple; their sorted outcomes. Spawned, not forked:
+    forking after OpenMP (faiss) has run can deadlock the child."""
+    results = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, results)) for a in args]
     for p in procs:
         p.start()
     outcomes = sorted(results.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
+    return outcomes
+
+
+def test_racing_writers_exactly_one_wins(book):
+    commit(book, seed=1)
+    ctx = mp.get_context("spawn")
+    outcomes = _race(ctx, _racer, [(str(book), barrier, s) for barrier in [ctx.Barrier(2)] for s in (10, 20)])
     assert [o[0] for o in outcomes] == ["error", "ok"], outcomes
     (_, loser, message), (_, winner, version) = outcomes
     assert version == 2 and "v0002" in message and "another writer" in message
@@ -150,7 +157,7 @@ def test_racing_writers_exactly_one_wins(book):
     assert not [p for p in book.iterdir() if p.name.startswith(".tmp")]  # the loser cleaned up
 
 
-def _stale_racer(path, results, seed):
+def _stale_racer(path, seed, results):
     try:
         cb = Codebook.at(path)
         results.put(("ok", cb.commit(*protos(12, seed), {"note": f"seed {seed}"}, parent=1, latest=1)))
@@ -161,14 +168,7 @@ def _stale_racer(path, results, seed):
 def test_writers_started_on_one_version_cannot_fork_the_lineage(book):
     """Two runs that both started from v0001: however their commits interleave, exactly one lands."""
     commit(book, seed=1)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_stale_racer, args=(str(book), results, s)) for s in (10, 20)]
-    for p in procs:
-        p.start()
-    outcomes = sorted(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
+    outcomes = _race(mp.get_context("spawn"), _stale_racer, [(str(book), s) for s in (10, 20)])
     assert [o[0] for o in outcomes] == ["error", "ok"], outcomes
     assert outcomes[1][1] == 2 and "v0002" in outcomes[0][1]
     cb = Codebook.at(book)
