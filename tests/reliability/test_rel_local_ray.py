@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from rel_helpers import child_env
+from rel_helpers import REPO, child_env
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -40,7 +40,7 @@ def local_build(tmp_path_factory):
         time.sleep(0.3)
     output = proc.stdout.read()
     assert proc.returncode == 0, output[-3000:]
-    return {"home": home, "sockets": sockets, "output": output}
+    return {"home": home, "sockets": sockets, "output": output, "shards": root / "shards"}
 
 
 def _name(pid: int) -> str:
@@ -65,13 +65,15 @@ def test_leaves_nothing_in_home_and_the_users_next_ray_works(local_build, tmp_pa
 
     home = local_build["home"]
     assert sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
-    # The user's own head and job, started the way cluster/README.md's local recipe does (no token of ours).
-    head = LocalHead(num_cpus=1, own_token=False, env={"HOME": str(home)})
+    # The user's own head and build job, started the way cluster/README.md's local recipe does (no token of ours).
+    head = LocalHead(num_cpus=2, own_token=False, env={"HOME": str(home)})
     try:
-        r = head.submit(["python", "-c", "print('job ran')"], str(tmp_path), timeout=300)
+        r = head.submit(["python", "jobs/build_codebook.py", "--model", "toy", "--shards",
+                         str(local_build["shards"] / "*.tar"), "--out", str(tmp_path / "job-out"), "--actors", "1"],
+                        str(REPO), timeout=600)
     finally:
         head.stop()
-    assert r.returncode == 0 and "job ran" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "images: 4 ok" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 def test_output_has_no_error_lines_or_per_actor_noise(local_build):
