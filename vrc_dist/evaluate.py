@@ -56,18 +56,17 @@ def build_batches(processor, samples: list[dict], batch_size: int) -> list[Batch
     """Every (image, question) of the samples, tokenised once and reused by every method."""
     tok = processor.tokenizer
     tok.padding_side = "left"  # the last position must be every row's prompt end
-    rows = [(s["image"], qa) for s in samples for qa in s["meta"]["qa"]]
-    metas = [(s["meta"], qa) for s in samples for qa in s["meta"]["qa"]]
+    rows = [(s, qa) for s in samples for qa in s["meta"]["qa"]]
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         texts = [processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa["question"]}]}],
             add_generation_prompt=True) for _, qa in chunk]
-        inputs = processor(images=[img for img, _ in chunk], text=texts, return_tensors="pt", padding=True)
+        inputs = processor(images=[s["image"] for s, _ in chunk], text=texts, return_tensors="pt", padding=True)
         inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
         answers = torch.tensor(tok.convert_tokens_to_ids([qa["answer"] for _, qa in chunk]))
-        truth = [(np.ravel(m["mask"]), np.ravel(m["coverage"])) for m, _ in metas[i:i + batch_size]]
+        truth = [(np.ravel(s["meta"]["mask"]), np.ravel(s["meta"]["coverage"])) for s, _ in chunk]
         batches.append(Batch(dict(inputs), answers, [qa["type"] for _, qa in chunk], truth))
     return batches
 
