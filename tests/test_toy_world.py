@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vrc_dist.toy.world import COLOURS, SHAPES, render
+from vrc_dist.toy.world import COLOURS, COUNT_WORDS, SHAPES, parse_key, render
 from vrc_dist.toy.write_shards import make_shards
 
 
@@ -20,10 +20,9 @@ def _read(paths):
 def test_shards_round_trip_through_webdataset(tmp_path):
     paths = make_shards(tmp_path, shards=2, per_shard=5, seed=3, split="eval")
     samples = _read(paths)
-    assert [k for k, _, _ in samples] == [f"eval-s3-{s:05d}-{i:05d}" for s in range(2) for i in range(5)]
+    assert [k for k, _, _ in samples] == [f"w2-eval-s3-{s:05d}-{i:05d}" for s in range(2) for i in range(5)]
     for key, png, meta in samples:
-        _, shard, index = key.rsplit("-", 2)
-        image, expected = render("eval", 3, int(shard), int(index))
+        image, expected = render(*parse_key(key))
         assert meta == json.loads(json.dumps(expected))
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(image))
 
@@ -37,19 +36,44 @@ def test_mask_matches_object_pixels():
         # Every visible object pixel lies in exactly one patch, so areas and coverage must agree.
         assert np.isclose(coverage.sum() * patch_pixels, sum(o["area"] for o in meta["objects"]), atol=0.01 * 144)
         assert ((mask > 0) == (coverage > 0)).all()
-        assert set(np.unique(mask)) <= set(range(len(meta["objects"]) + 1))
+        assert set(np.unique(mask)) == set(range(len(meta["objects"]) + 1))  # every object is seen
+
+
+def test_distractors_are_the_recurring_badges_on_object_free_patches():
+    p = 144 // 12
+    badges = set()
+    for i in range(30):
+        image, meta = render("eval", 2, 0, i)
+        pixels, distractor, mask = np.asarray(image), np.asarray(meta["distractor"]), np.asarray(meta["mask"])
+        assert not (distractor & (mask > 0)).any()
+        for r, c in zip(*np.nonzero(distractor)):
+            badges.add(pixels[r * p:(r + 1) * p, c * p:(c + 1) * p].tobytes())
+    assert len(badges) == 2  # two fixed patterns, recurring across images: redundancy by construction
 
 
 def test_world_vocabulary_and_answers():
-    metas = [render("train", 1, 0, i)[1] for i in range(50)]
+    metas = [render("train", 1, 0, i)[1] for i in range(80)]
     for m in metas:
-        assert 1 <= len(m["objects"]) <= 3
+        objects = m["objects"]
+        assert 1 <= len(objects) <= 6
+        assert len({(o["colour"], o["shape"]) for o in objects}) == len(objects)  # every object can be named
         assert m["qa"][0]["type"] == "single"
-        assert m["answer"] == max(m["objects"], key=lambda o: o["area"])["shape"]
-        areas = sorted((o["area"] for o in m["objects"]), reverse=True)
+        assert m["answer"] == max(objects, key=lambda o: o["area"])["shape"]
+        areas = sorted((o["area"] for o in objects), reverse=True)
         assert len(areas) == 1 or areas[0] >= 1.5 * areas[1]  # the largest object is clearly the largest
-        assert all(o["shape"] in SHAPES and o["colour"] in COLOURS for o in m["objects"])
-    assert len({m["background"] for m in metas}) >= 3
+        assert all(o["shape"] in SHAPES and o["colour"] in COLOURS for o in objects)
+        for qa in m["qa"]:
+            named = objects[qa["object"] - 1] if qa["object"] else None
+            if qa["type"] == "count":
+                assert qa["answer"] == COUNT_WORDS[len(objects)]
+            elif qa["type"] == "exist":
+                present = any(f"{o['colour']} {o['shape']}" in qa["question"] for o in objects)
+                assert qa["answer"] == ("yes" if present else "no") and (named is not None) == present
+            elif qa["type"] in ("shape", "colour"):
+                assert qa["answer"] == named[qa["type"]] and named["colour" if qa["type"] == "shape" else "shape"] in qa["question"]
+        assert sorted(qa["answer"] for qa in m["qa"] if qa["type"] == "exist") == ["no", "yes"]
+    assert len({t for m in metas for t in m["background"]}) >= 3
+    assert max(len(m["background"]) for m in metas) >= 3  # several regions of different textures
     assert len({o["shape"] for m in metas for o in m["objects"]}) == len(SHAPES)
 
 
@@ -107,4 +131,10 @@ def test_make_image_writes_the_rendered_png(tmp_path, capsys):
     out = tmp_path / "new" / "img.png"
     assert main(["toy", "make-image", "--out", str(out), "--seed", "3", "--index", "2", "--split", "train"]) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(render("train", 3, 0, 2)[0]))
-    assert "toy image train-s3-00000-00002" in capsys.readouterr().out
+    assert "toy image w2-train-s3-00000-00002" in capsys.readouterr().out
+
+
+def test_a_key_of_another_world_version_is_refused():
+    assert parse_key("w2-train-s1-00003-00007") == ("train", 1, 3, 7)
+    with pytest.raises(ValueError, match="not a key of toy world v2"):
+        parse_key("train-s1-00003-00007")  # a v1 key: its image is not the v2 image of that seed

@@ -13,8 +13,10 @@ def write_model_card(model_dir, accuracy: dict, eval_source: str, n_images: int)
     arch = training["architecture"]
     text = f"""# toy-llava
 
-A tiny `LlavaForConditionalGeneration` trained on vrc-dist's synthetic toy world, the embedded
-default model of vrc-dist (`--model toy`). It loads offline with `from_pretrained(path)`, exactly like
+A tiny `LlavaForConditionalGeneration` trained on vrc-dist's synthetic toy world v2 (one to six
+objects, sizes down to one patch, textured background regions, recurring distractor badges; questions:
+the single-word prompt, shape and colour of a named object, count, existence), the embedded default
+model of vrc-dist (`--model toy`). It loads offline with `from_pretrained(path)`, exactly like
 a real LLaVA checkpoint. It exists to make the whole pipeline real end to end on a CPU; it says
 nothing about real images.
 

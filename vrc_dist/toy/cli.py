@@ -1,4 +1,4 @@
-"""`vrc toy make-shards | make-image | train | eval`: the embedded default world and model."""
+"""`vrc toy make-shards | make-image | train | eval | makeup`: the embedded default world and model."""
 from __future__ import annotations
 
 import json
@@ -57,6 +57,17 @@ def _eval(args) -> int:
     return 0
 
 
+def _makeup(args) -> int:
+    from vrc_dist.codebook import Codebook
+    from vrc_dist.toy.makeup import format_makeup, prototype_makeup
+
+    cb = Codebook.open(args.codebook, args.version)
+    makeup = prototype_makeup(cb.provenance.select(["key", "token_index"]).to_pylist())
+    print(f"ground-truth make-up of {cb.path} v{cb.version:04d} (toy-world keys only):")
+    print(format_makeup(makeup, cb.provenance.num_rows))
+    return 0
+
+
 def register(sub) -> None:
     toy = sub.add_parser("toy", help="the toy world and its tiny LLaVA").add_subparsers(dest="toy_command", required=True)
 
@@ -89,3 +100,8 @@ def register(sub) -> None:
     p.add_argument("--json", help="also write the result as JSON")
     p.add_argument("--write-card", action="store_true", help="write the accuracy into the model's README.md")
     p.set_defaults(func=_eval)
+
+    p = toy.add_parser("makeup", help="object / background / distractor shares of a toy codebook's prototypes")
+    p.add_argument("--codebook", default="toy", help="toy, or a codebook directory built from toy shards")
+    p.add_argument("--version", default=None, help="codebook version (default: the latest)")
+    p.set_defaults(func=_makeup)

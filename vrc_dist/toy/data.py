@@ -37,16 +37,9 @@ class EncodedQA:
     target: list[int] = field(default_factory=list)  # the object the answer is about; 0 = all of them
 
 
-def target_object(meta: dict, qa: dict) -> int:
-    """1-based index of the object a question is about (0: the question is about all objects)."""
-    objects = meta["objects"]
-    if qa["type"] == "count":
-        return 0
-    if qa["type"] == "single":
-        return 1 + max(range(len(objects)), key=lambda j: objects[j]["area"])
-    words = set(qa["question"].lower().rstrip("?").split())
-    named = {"shape": ("colour",), "colour": ("shape",), "position": ("colour", "shape")}[qa["type"]]
-    return 1 + next(j for j, o in enumerate(objects) if all(o[attr] in words for attr in named))
+def target_object(qa: dict) -> int:
+    """1-based index of the object a question is about (0: about all objects, or about none present)."""
+    return int(qa["object"])
 
 
 @lru_cache(maxsize=1024)  # a few dozen distinct questions across tens of thousands of samples
@@ -71,6 +64,6 @@ def encode_samples(samples: list[dict], processor) -> tuple[torch.Tensor, Encode
             enc.answer.append(processor.tokenizer.convert_tokens_to_ids(qa["answer"]))
             enc.qtype.append(qa["type"])
             enc.owner.append(np.asarray(s["meta"]["mask"]).reshape(-1))
-            enc.target.append(target_object(s["meta"], qa))
+            enc.target.append(target_object(qa))
     enc.image = np.asarray(image_index)
     return pixels, enc

@@ -12,7 +12,7 @@ from vrc_dist.toy.world import GRID, IMAGE_SIZE
 @dataclass
 class TinyLlavaSpec:
     image_size: int = IMAGE_SIZE
-    # The world's grid (8 x 8): LLaVA-1.5's 24 x 24 in miniature, small enough to train on a CPU.
+    # The world's grid (12 x 12): LLaVA-1.5's 24 x 24 in miniature, small enough to train on a CPU.
     patch_size: int = IMAGE_SIZE // GRID
     vision_hidden: int = 96
     vision_layers: int = 4  # features come from layer -2, as in LLaVA-1.5

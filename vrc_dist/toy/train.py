@@ -37,21 +37,21 @@ from vrc_dist.toy.world import COLOURS, SHAPES
 class TrainConfig:
     shards: list[str] = field(default_factory=lambda: ["out/toy/train"])  # --shards forms (SHARDS_HELP)
     out: str = str(TOY_MODEL_DIR)
-    vision_steps: int = 1500
-    steps: int = 4500
-    batch_size: int = 48
+    vision_steps: int = 700
+    steps: int = 2400
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup: int = 150
-    full_image_prob: float = 0.5
+    full_image_prob: float = 0.3
     focus_prob: float = 0.35  # batches that show only a few tokens, always including the asked-about object
-    focus_max_tokens: int = 8
+    focus_max_tokens: int = 16
     # Questions about scenes of several objects need binding (find the object the question names, read
     # its other attribute), a size comparison (the single-word prompt) or counting. They are sampled this
     # many times more often: binding emerges late, and only with enough such questions.
-    several_weight: float = 6.0
+    several_weight: float = 2.0
     seed: int = 3
-    max_minutes: float = 60.0
+    max_minutes: float = 20.0
     threads: int = 2
     log_every: int = 100
 
