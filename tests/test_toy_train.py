@@ -41,3 +41,25 @@ def test_toy_train_and_eval_read_shards_in_every_form(tmp_path, capsys):
     assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "gone.tar")]) == 2
     err = capsys.readouterr().err
     assert "cannot open shard" in err and "gone.tar" in err
+
+
+def test_multi_turn_training_text_is_the_chat_template_of_the_conversation():
+    from vrc_dist.toy.data import prompt_ids
+    from vrc_dist.toy.model import build_model
+    from vrc_dist.toy.train import chat_text
+
+    _, processor = build_model()
+    tok = processor.tokenizer
+    qa = render("train", 3, 0, 1)[1]["qa"][:3]
+    prefix, _ = prompt_ids(processor, qa[0]["question"])
+    turns = [(tuple(prompt_ids(processor, q["question"])[1]), tok.convert_tokens_to_ids(q["answer"])) for q in qa]
+    text, at, labels = chat_text(prefix, turns, tok.eos_token_id)
+    messages = []
+    for i, q in enumerate(qa):
+        content = [{"type": "image"}, {"type": "text", "text": q["question"]}] if i == 0 else q["question"]
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": q["answer"]}]
+    expected = tok(processor.apply_chat_template(messages))["input_ids"]
+    assert prefix + [processor.image_token_id] + text == expected[:-1]  # all but the final </s>, a label only
+    full = text + [tok.eos_token_id]
+    assert [full[a + 1] for a in at] == labels  # each position predicts the token after it
+    assert tok.convert_ids_to_tokens(labels[::2]) == [q["answer"] for q in qa]

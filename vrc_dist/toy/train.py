@@ -50,8 +50,14 @@ class TrainConfig:
     # its other attribute), a size comparison (the single-word prompt) or counting. They are sampled this
     # many times more often: binding emerges late, and only with enough such questions.
     several_weight: float = 2.0
+    # Outside focus batches, a sequence asks all of its image's questions in turn: the answers cost
+    # ten tokens each, the 144 visual tokens are paid once.
+    multi_turn: bool = True
     seed: int = 3
     max_minutes: float = 20.0
+    # A checkpoint to continue from: its vision tower is kept (stage 1 is skipped) and the QA stage
+    # starts from its weights, for a second run when a busy machine cut the first one short.
+    init: str | None = None
     threads: int = 2
     log_every: int = 100
 
@@ -155,37 +161,67 @@ def _row_weights(items, several_weight: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def _batch_loss(model, features, prefix, suffixes, answers, kept: list[np.ndarray]):
-    """Next-token loss on the answer word and the end-of-sequence after it; `kept[b]`: visual tokens shown."""
+def _batch_loss(model, features, prefix, turns, kept: list[np.ndarray]):
+    """Next-token loss on every answer word and the end-of-sequence after it.
+
+    `turns[b]`: the (question ids after the image, answer id) pairs of sequence b, asked one after
+    the other as a multi-turn chat about the same image; `kept[b]`: the visual tokens it shows."""
     embed = model.get_input_embeddings()
     tokens = model.model.multi_modal_projector(features)
     eos = model.config.text_config.eos_token_id
-    seqs, targets = [], []
-    for b in range(len(suffixes)):
+    seqs, rows, positions, labels = [], [], [], []
+    for b in range(len(turns)):
         idx = torch.as_tensor(kept[b])
-        text_after = torch.tensor(list(suffixes[b]) + [answers[b]])
-        seqs.append(torch.cat([embed(prefix), tokens[b, idx], embed(text_after)]))
-        targets.append(len(seqs[-1]) - 2)  # position that predicts the answer
+        text, at, answers = chat_text(prefix.tolist(), turns[b], eos)
+        rows += [b] * len(at)
+        positions += [len(prefix) + len(idx) + a for a in at]
+        labels += answers
+        seqs.append(torch.cat([embed(prefix), tokens[b, idx], embed(torch.tensor(text))]))
     length = max(len(s) for s in seqs)
     pad = embed(torch.tensor([model.config.text_config.pad_token_id]))
     # Right padding: under a causal mask, real positions never see the padding after them.
     batch = torch.stack([torch.cat([s, pad.expand(length - len(s), -1)]) for s in seqs])
     hidden = model.model.language_model(inputs_embeds=batch).last_hidden_state
-    pos = torch.tensor(targets)
-    rows = torch.arange(len(seqs))
-    logits = model.lm_head(torch.stack([hidden[rows, pos], hidden[rows, pos + 1]], 1))
-    labels = torch.stack([torch.tensor(answers), torch.full((len(seqs),), eos)], 1)
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)])
+    return F.cross_entropy(logits, torch.tensor(labels))
+
+
+def chat_text(prefix: list[int], turns, eos: int) -> tuple[list[int], list[int], list[int]]:
+    """Token ids after the image for a multi-turn chat, as the model's chat template lays it out, and
+    the positions in them (relative to the text's start) that predict each answer and each </s>."""
+    text, at, labels = [], [], []
+    for k, (suffix, answer) in enumerate(turns):
+        text += ([] if k == 0 else prefix[1:]) + list(suffix)  # a later turn: "USER :" without <s>
+        at += [len(text) - 1, len(text)]
+        labels += [answer, eos]
+        text += [answer, eos]
+    return text[:-1], at, labels  # the last </s> is only a label
+
+
+def _turns(rng, items, rows_of_image, row: int, several: bool) -> list[tuple[tuple[int, ...], int]]:
+    """The row's question first (exactly the single-turn prompt the model is evaluated on), then, if
+    `several`, the image's other questions in random order: more answers learned per forward pass."""
+    rows = [row]
+    if several:
+        others = rows_of_image[items.image[row]]
+        rows += rng.permutation(others[others != row]).tolist()
+    return [(items.suffix[r], items.answer[r]) for r in rows]
 
 
 def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=print) -> dict:
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
-    model, processor = build_model(spec, seed=cfg.seed)
+    if cfg.init:
+        from vrc_dist.toy.evaluate import load_checkpoint
+
+        model, processor = load_checkpoint(cfg.init)
+    else:
+        model, processor = build_model(spec, seed=cfg.seed)
     samples = load_toy_samples(cfg.shards)
     pixels, items = encode_samples(samples, processor)
     prefix = torch.tensor(items.prefix)
-    pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
+    if not cfg.init:
+        pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
     # Stage 2 keeps the vision tower frozen, as LLaVA does: its features are computed once.
     model.model.vision_tower.requires_grad_(False)
     features = _frozen_features(model, pixels)
@@ -194,6 +230,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     model.train()
     start, n_tokens, losses = time.time(), spec.n_tokens, []
     row_p = _row_weights(items, cfg.several_weight)
+    rows_of_image = [np.flatnonzero(items.image == i) for i in range(len(samples))]
     for step in range(cfg.steps):
         # Cosine decay over whichever budget runs out first, steps or wall time: on a busy machine
         # the run still ends annealed instead of being cut off at a high learning rate.
@@ -203,20 +240,17 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
             break
         lr = _set_lr(opt, cfg, step, done)
         pick = rng.choice(len(items.image), size=cfg.batch_size, p=row_p)
-        if rng.random() < cfg.focus_prob:
+        # A focus batch's tokens answer only its own question; every object stays in the others.
+        focus = rng.random() < cfg.focus_prob
+        if focus:
             keep = int(rng.integers(1, cfg.focus_max_tokens + 1))
             kept = [_focus_tokens(rng, keep, items.owner[i], items.target[i]) for i in pick]
         else:
             keep = _keep_count(rng, n_tokens, cfg.full_image_prob)
             kept = [_answerable_tokens(rng, keep, items.owner[i]) for i in pick]
-        loss = _batch_loss(
-            model,
-            features[items.image[pick]],
-            prefix,
-            [items.suffix[i] for i in pick],
-            [items.answer[i] for i in pick],
-            kept,
-        )
+        several = not focus and cfg.multi_turn
+        turns = [_turns(rng, items, rows_of_image, i, several) for i in pick]
+        loss = _batch_loss(model, features[items.image[pick]], prefix, turns, kept)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -232,6 +266,10 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     processor.save_pretrained(out)
     summary = {"steps": len(losses), "seconds": round(time.time() - start, 1), "final_loss": float(np.mean(losses[-50:])),
                "train_images": len(samples), "train_config": asdict(cfg), "architecture": asdict(spec)}
+    if cfg.init:  # the card then tells the whole history, not only the last run
+        from vrc_dist.model import resolve_checkpoint
+
+        summary["continued_from"] = json.loads((resolve_checkpoint(cfg.init) / "training.json").read_text())
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
 
