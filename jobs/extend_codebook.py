@@ -16,8 +16,8 @@ import argparse  # noqa: E402
 
 import ray  # noqa: E402
 
-from vrc_dist.build_cli import reject_relative_paths  # noqa: E402
-from vrc_dist.extend import add_arguments, execute, prepare  # noqa: E402
+from vrc_dist.build.extend import add_arguments, execute, prepare  # noqa: E402
+from vrc_dist.cli.build import reject_relative_paths  # noqa: E402
 
 
 def main() -> int:

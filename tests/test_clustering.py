@@ -11,8 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vrc_dist.clustering import AlreadyCommitted, ClusteringError, build_version, cluster_candidates, read_candidates
-from vrc_dist.codebook import Codebook, CodebookError, StaleParent
+from vrc_dist.codebook.clustering import (
+    AlreadyCommitted,
+    ClusteringError,
+    build_version,
+    cluster_candidates,
+    read_candidates,
+)
+from vrc_dist.codebook.format import CodebookError, StaleParent
+from vrc_dist.codebook.store import Codebook
 from vrc_dist.config import ClusterConfig
 
 DIM = 8

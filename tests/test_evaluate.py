@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-
 import tiny_models
+
 from vrc_dist.cli import main
-from vrc_dist.codebook import Codebook, resolve_path
-from vrc_dist.evaluate import add_intervals, evaluate, layer_flops, prefill_flops
+from vrc_dist.codebook.format import resolve_path
+from vrc_dist.codebook.store import Codebook
+from vrc_dist.eval.flops import layer_flops, prefill_flops
+from vrc_dist.eval.harness import add_intervals, evaluate
 from vrc_dist.toy import TOY_MODEL_DIR
 from vrc_dist.toy.data import load_toy_samples
 from vrc_dist.toy.write_shards import make_shards
@@ -102,7 +104,7 @@ def test_toy_eval_split_controls_and_the_diverse_rule(tmp_path):
     oracles bracket random keep, and codebook-diverse holds the unpruned accuracy and beats the baselines.
     What this world does not show (README): that the codebook itself helps; codebook-diverse scores the
     same with a random codebook."""
-    from vrc_dist.toy.evaluate import load_checkpoint
+    from vrc_dist.model.loading import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
     samples = load_toy_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval"))

@@ -21,14 +21,17 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from vrc_dist.clustering import build_version
-from vrc_dist.codebook import CHECKSUMS, VERSION_FILES, Codebook, sha256_file
+from vrc_dist.build.extend import ExtendError, extend_config, known_images, open_parent, prepare, run_extend
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TOKEN_FIELDS, table_path
+from vrc_dist.build.work import process_shard
+from vrc_dist.codebook.clustering import build_version
+from vrc_dist.codebook.format import CHECKSUMS, VERSION_FILES, sha256_file
+from vrc_dist.codebook.store import Codebook
 from vrc_dist.config import ClusterConfig, ProbeConfig, to_dict
-from vrc_dist.extend import ExtendError, extend_config, known_images, open_parent, prepare, run_extend
-from vrc_dist.metrics_store import TOKEN_FIELDS, Manifest, read_table, table_path
-from vrc_dist.shards import ShardSpec, iter_samples
+from vrc_dist.data.shards import ShardSpec, iter_samples
 from vrc_dist.toy.write_shards import make_shards
-from vrc_dist.worker import process_shard
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 4

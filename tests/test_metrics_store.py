@@ -10,9 +10,12 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vrc_dist.metrics_store import TABLES, TOKEN_FIELDS, Manifest, ShardWriter, read_table, table_path
-from vrc_dist.shards import ShardSpec
-from vrc_dist.worker import FaultSwitch, process_shard
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TABLES, TOKEN_FIELDS, table_path
+from vrc_dist.build.work import FaultSwitch, process_shard
+from vrc_dist.build.writer import ShardWriter
+from vrc_dist.data.shards import ShardSpec
 
 DIM, L = 6, 4
 

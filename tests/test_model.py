@@ -2,11 +2,12 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from PIL import Image
 
-import tiny_models
-from vrc_dist.model import ModelError, load_llava, resolve_checkpoint
+from vrc_dist.model.adapter import ModelError
+from vrc_dist.model.loading import load_llava, resolve_checkpoint
 
 LOGIT_TOL = dict(rtol=1e-5, atol=2e-5)  # float32, different summation orders, logits of size ~1
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TABLES, table_path
 from vrc_dist.config import ProbeConfig
-from vrc_dist.images import load_image
-from vrc_dist.metrics_store import TABLES, Manifest, read_table, table_path
-from vrc_dist.shards import iter_samples
+from vrc_dist.data.images import load_image
+from vrc_dist.data.shards import iter_samples
 from vrc_dist.toy.write_shards import make_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
@@ -82,7 +84,7 @@ def test_every_image_once_and_metrics_equal_single_process(world, clean_run):
     assert set(images.column("status").to_pylist()) == {"ok"}
     assert read_table(out, "candidates").num_rows > 0
 
-    from vrc_dist.probe import Prober
+    from vrc_dist.probe.prober import Prober
 
     torch.set_num_threads(1)  # as in a 1-CPU actor: same reduction order, so equal to the bit
     prober = Prober(ProbeConfig(model=world["model"], jsd_thres=10, top1_thres=1.1))

@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vrc_dist.shards import ShardOpenError, ShardReadError, expand_shards, iter_samples, shard_name
+from vrc_dist.data.shards import ShardOpenError, ShardReadError, expand_shards, iter_samples, shard_name
 
 
 def png(color=(200, 10, 10), size=(16, 16)) -> bytes:

@@ -59,7 +59,7 @@ def raw_tar(path: Path, members, mode: str = "w") -> Path:
 
 
 def fake_result(key: str, dim: int = DIM, n_cand: int = 2, seed: int = 0, vectors=None):
-    from vrc_dist.metrics_store import TOKEN_FIELDS
+    from vrc_dist.build.schema import TOKEN_FIELDS
 
     rng = np.random.default_rng(seed)
     tokens = {name: rng.random(L) if pa.types.is_floating(t) else rng.integers(0, 9, L) for name, t in TOKEN_FIELDS}
@@ -85,9 +85,9 @@ class FakeProber:
 
 def run_local(shard_paths, out, prober=None, config=None) -> dict:
     """Every shard through process_shard into `out`, recorded in its manifest like the Ray driver does."""
-    from vrc_dist.metrics_store import Manifest
-    from vrc_dist.shards import expand_shards
-    from vrc_dist.worker import process_shard
+    from vrc_dist.build.manifest import Manifest
+    from vrc_dist.build.work import process_shard
+    from vrc_dist.data.shards import expand_shards
 
     prober = prober or FakeProber()
     manifest = Manifest.load(out) or Manifest.create(out, config or {"probe": {"divergence": "reference"}})

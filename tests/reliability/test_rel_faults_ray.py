@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from rel_helpers import REPO, doctor_errors, wait_job
 
-from vrc_dist.metrics_store import TABLES, Manifest, read_table
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TABLES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
 INJECT = str(Path(__file__).resolve().parent / "inject")
