@@ -3,7 +3,7 @@
 
 Probes only the images the parent version (default: the latest) has not seen into the new metrics dataset
 --out, then re-clusters the parent's candidate pool with the new candidates and commits the next version.
-The probe settings are the parent's; see vrc_dist/extend.py.
+The probe settings are the parent's; see vrc_dist/build/extend.py.
 """
 import logging
 import sys
