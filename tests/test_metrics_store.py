@@ -13,7 +13,7 @@ from PIL import Image
 from vrc_dist.build.manifest import Manifest
 from vrc_dist.build.read import read_table
 from vrc_dist.build.schema import TABLES, TOKEN_FIELDS, table_path
-from vrc_dist.build.work import FaultSwitch, process_shard
+from vrc_dist.build.work import process_shard
 from vrc_dist.build.writer import ShardWriter
 from vrc_dist.data.shards import ShardSpec
 
@@ -128,13 +128,3 @@ def test_process_shard_missing_writes_nothing_truncated_keeps_prefix(tmp_path):
     shard.write_bytes(shard.read_bytes()[:3000])
     entry = process_shard(FakeProber(), ShardSpec(str(shard), "t"), out)
     assert entry["status"] == "done" and "corrupt" in entry["error"] and entry["images_ok"] >= 1
-
-
-def test_fault_switch_fires_once_per_marker(tmp_path, monkeypatch):
-    exits = []
-    monkeypatch.setattr("os._exit", exits.append)
-    switch = FaultSwitch.from_env({"VRC_FAULT_EXIT_AFTER": "2", "VRC_FAULT_MARKER": str(tmp_path / "m")})
-    for n in (1, 2, 2, 3):
-        switch.maybe_fire(n)
-    assert exits == [1] and (tmp_path / "m").exists()
-    assert FaultSwitch.from_env({}) == FaultSwitch()

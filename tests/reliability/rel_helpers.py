@@ -1,7 +1,7 @@
 """Helpers of the reliability suite: hostile shard and image builders, a fake prober, a Ray-free driver.
 
-The Ray-free driver (`run_local`) does what runner.run_shards does per shard, in one process: process_shard,
-then record the entry in the manifest. It lets the fast tests drive the real reader, image loader and
+The Ray-free driver (`run_local`) runs the shards through the library's LocalExecutor, in one process. It lets
+the fast tests drive the real reader, image loader and
 writer over bad input without a cluster.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from PIL import Image
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
+INJECT = Path(__file__).resolve().parent / "inject"  # test-only fault injection, see its sitecustomize.py
 if str(TESTS) not in sys.path:  # ray_head, tiny_models live one level up
     sys.path.insert(0, str(TESTS))
 
@@ -84,19 +85,17 @@ class FakeProber:
 
 
 def run_local(shard_paths, out, prober=None, config=None) -> dict:
-    """Every shard through process_shard into `out`, recorded in its manifest like the Ray driver does."""
+    """Every shard through the library's LocalExecutor (no Ray) into `out`, recorded in its manifest."""
+    from vrc_dist.build.executor import LocalExecutor
     from vrc_dist.build.manifest import Manifest
-    from vrc_dist.build.work import process_shard
+    from vrc_dist.config import BuildConfig
     from vrc_dist.data.shards import expand_shards
 
     prober = prober or FakeProber()
     manifest = Manifest.load(out) or Manifest.create(out, config or {"probe": {"divergence": "reference"}})
     manifest.data["model_info"] = prober.model_info
     manifest.save()
-    for spec in expand_shards([str(p) for p in shard_paths]):
-        entry = process_shard(prober, spec, out)
-        entry["attempts"] = 1
-        manifest.record_shard(spec.name, entry)
+    LocalExecutor(BuildConfig(), prober).run(expand_shards([str(p) for p in shard_paths]), Path(out), manifest)
     return Manifest.load(out).shards
 
 
@@ -111,9 +110,12 @@ def doctor_errors(path) -> list[str]:
     return [str(f) for f in check(path)[1] if f.level == ERROR]
 
 
-def child_env() -> dict:
+def child_env(inject: bool = False) -> dict:
+    """This environment with the repository and tests/ importable; with `inject`, the fault injection of
+    inject/sitecustomize.py too (it acts only where a VRC_FAULT_* or VRC_INJECT_* variable is set)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(REPO), str(TESTS), *([str(INJECT)] if inject else []), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     return env
 
 

@@ -241,3 +241,20 @@ def test_shard_writer_that_cannot_start_on_a_full_disk_leaves_nothing(small_disk
         ShardWriter(out, "s", dim=4)
     left = sorted(str(p.relative_to(out)) for p in out.rglob(".*.tmp"))
     assert left == [], f"temporary files left by a writer that never started: {left}"
+
+
+def test_fault_switch_fires_once_per_marker(tmp_path, monkeypatch):
+    import importlib.util
+
+    from rel_helpers import INJECT
+
+    spec = importlib.util.spec_from_file_location("vrc_inject", INJECT / "sitecustomize.py")
+    inject = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inject)  # no VRC_FAULT_* set here: nothing is hooked
+    exits = []
+    monkeypatch.setattr("os._exit", exits.append)
+    switch = inject.FaultSwitch.from_env({"VRC_FAULT_EXIT_AFTER": "2", "VRC_FAULT_MARKER": str(tmp_path / "m")})
+    for n in (1, 2, 2, 3):
+        switch.maybe_fire(n)
+    assert exits == [1] and (tmp_path / "m").exists()
+    assert inject.FaultSwitch.from_env({}) == inject.FaultSwitch()

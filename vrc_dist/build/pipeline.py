@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vrc_dist.build.manifest import Manifest, utc_now
-from vrc_dist.build.ray_executor import run_shards
 from vrc_dist.build.schema import TABLES, table_path
 from vrc_dist.build.writer import mark_duplicates, shard_counts
 from vrc_dist.codebook.clustering import PROBE_SPEED_ONLY
@@ -70,18 +69,23 @@ def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
 
 
 def run_metrics(cfg: BuildConfig, specs: list[ShardSpec] | None = None,
-                skip_keys: frozenset[str] = frozenset()) -> dict:
+                skip_keys: frozenset[str] = frozenset(), executor=None) -> dict:
     """Probe every shard not yet done; returns this run's summary (also appended to the manifest).
 
     `specs` defaults to cfg.shards expanded; images whose key is in `skip_keys` are not probed (extend).
+    `executor` runs the shards: the Ray executor on the connected cluster by default, or a LocalExecutor.
     """
+    if executor is None:
+        from vrc_dist.build.ray_executor import RayExecutor
+
+        executor = RayExecutor(cfg)
     specs = expand_shards(cfg.shards) if specs is None else specs
     manifest = open_run(cfg, specs)
     done = set(manifest.done())
     todo = [s for s in specs if s.name not in done]
     log.info("%d shards: %d already done, %d to run", len(specs), len(specs) - len(todo), len(todo))
     start = time.time()
-    stats = run_shards(cfg, todo, Path(cfg.out), manifest, skip_keys)
+    stats = executor.run(todo, Path(cfg.out), manifest, skip_keys)
     duplicates = drop_duplicate_keys(Path(cfg.out), manifest, [s.name for s in specs])
     seconds = time.time() - start
     summary = {

@@ -1,15 +1,13 @@
 """One shard through a loaded prober: read samples, probe each image, write the shard's three tables.
 
-Plain Python, no Ray: the Ray actor (runner.py) wraps it, and a single process can call it directly.
+Plain Python, no Ray: the executors (executor.py, ray_executor.py) run it, in this process or in Ray actors.
 Every bad sample becomes an `images` row with status error; only a shard that cannot be opened
 comes back as failed, with nothing written.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Container
-from dataclasses import dataclass
 from pathlib import Path
 
 from vrc_dist.build.writer import ShardWriter
@@ -17,44 +15,11 @@ from vrc_dist.data import shards
 from vrc_dist.data.images import ImageError, load_image
 
 
-@dataclass(frozen=True)
-class FaultSwitch:
-    """Test-only: make the process exit hard after `exit_after` images of a shard.
-
-    With `marker` set it fires once per marker file (created atomically when it fires), so only the
-    first attempt dies and the retry can finish. `sleep_s` slows every image down, so a test can stop
-    a run mid-way. Read from VRC_FAULT_EXIT_AFTER, VRC_FAULT_MARKER and VRC_FAULT_SLEEP_S.
-    """
-
-    exit_after: int | None = None
-    marker: str | None = None
-    sleep_s: float = 0.0
-
-    @classmethod
-    def from_env(cls, environ=os.environ) -> FaultSwitch:
-        after = environ.get("VRC_FAULT_EXIT_AFTER")
-        return cls(int(after) if after else None, environ.get("VRC_FAULT_MARKER") or None,
-                   float(environ.get("VRC_FAULT_SLEEP_S") or 0))
-
-    def maybe_fire(self, images_done: int) -> None:
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
-        if self.exit_after is None or images_done != self.exit_after:
-            return
-        if self.marker:
-            try:
-                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return
-        os._exit(1)  # no cleanup, no exception: what a segfault or an OOM kill looks like to Ray
-
-
 def process_shard(
     prober,
     spec: shards.ShardSpec,
     out_dir: str | Path,
     max_member_bytes: int = shards.MAX_MEMBER_BYTES,
-    fault: FaultSwitch = FaultSwitch(),
     on_progress: Callable[[int, int], None] | None = None,
     skip_keys: Container[str] = frozenset(),
 ) -> dict:
@@ -79,7 +44,6 @@ def process_shard(
                 tokens += _probe_one(prober, writer, sample, f"{spec.url}:{sample.image_member}")
             if on_progress:
                 on_progress(images, tokens)
-            fault.maybe_fire(images)
     except shards.ShardOpenError as e:
         writer.abort()
         return _entry(spec, "failed", str(e), None, start)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from vrc_dist.atomic import place_atomic
+from vrc_dist.config import add_config_arguments
 
 SHOWN = {  # column -> printf format, in table order
     "token_index": "{:>5d}", "row": "{:>3d}", "col": "{:>3d}", "cls_sim": "{:>7.3f}", "top1_prob": "{:>9.4f}",
@@ -20,9 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--model", help="toy, a LLaVA checkpoint directory, or a hub id in the local cache (default: config's)")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--out", help="write the tokens table to this Parquet file instead of printing it")
-    p.add_argument("--config", help="YAML/TOML ProbeConfig, or a BuildConfig whose probe section is used "
-                                    "(default: vrc_dist/configs/toy.yaml for --model toy, else the reference values)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ProbeConfig field")
+    add_config_arguments(p, "YAML/TOML ProbeConfig, or a BuildConfig whose probe section is used (default: "
+                            "vrc_dist/configs/toy.yaml for --model toy, else the reference values)",
+                         "override a ProbeConfig field")
     p.add_argument("--engine", choices=("batched", "reference"), default="batched")
     p.set_defaults(func=run)
 
@@ -74,6 +76,4 @@ def write_parquet(result, model_info: dict, cfg, path: Path) -> None:
     table = pa.table({"key": [result.key] * len(result.tokens["score"]), **result.tokens})
     meta = {"model_info": json.dumps(model_info), "probe_config": json.dumps(to_dict(cfg))}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    place_atomic(path, lambda tmp: pq.write_table(table, tmp))
