@@ -202,6 +202,31 @@ class Codebook:
         Raises CodebookError if another writer published that number first: the caller built on a state
         that is no longer the latest, so it must re-read and retry rather than silently overwrite.
         """
+        vectors, provenance = self._checked(vectors, provenance, params, pool)
+        existing = self.versions()
+        if parent is not None and parent not in existing:
+            raise CodebookError(f"parent version {parent} not in {self.path}; available: {version_names(existing)}")
+        # Numbered after every vNNNN directory, complete or not: a damaged one is skipped, never reused.
+        # The number is chosen before the staleness check looks, and a published version is complete the moment
+        # it appears, so two writers on one base either pick the same number (the rename lets one win) or the
+        # later one sees the other's version in the check.
+        version = max(self._numbered_dirs(), default=0) + 1
+        self._check_latest(latest, self.versions())
+        meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
+                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool),
+                "codebook": {"name": self.name, "model_id": self.model_id}}  # so `repair` can rebuild the manifest
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_dir_name(version)}-", dir=self.path))
+        try:
+            self._write_version(tmp, vectors, provenance, {**meta, **params})
+            self._publish(tmp, version)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fsync_path(self.path)  # the rename itself
+        self._write_manifest()
+        return version
+
+    def _checked(self, vectors, provenance: pa.Table, params: dict, pool) -> tuple[np.ndarray, pa.Table]:
+        """The commit's prototypes and provenance in their stored types, or CodebookError saying what is wrong."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise CodebookError(f"prototypes must be [N, {self.dim}] for codebook {self.path}, got {vectors.shape}")
@@ -221,46 +246,33 @@ class Codebook:
         absent = sorted({d for e in pool for d in (e["candidates"], e["images"]) if d} - self._pool_digests())
         if absent:
             raise CodebookError(f"pool entries name files not in {self.path / POOL}: {absent[:3]}")
-        existing = self.versions()
-        if parent is not None and parent not in existing:
-            raise CodebookError(f"parent version {parent} not in {self.path}; available: {version_names(existing)}")
-        # Numbered after every vNNNN directory, complete or not: a damaged one is skipped, never reused.
-        # The number is chosen before the staleness check looks, and a published version is complete the moment
-        # it appears, so two writers on one base either pick the same number (the rename lets one win) or the
-        # later one sees the other's version in the check.
-        version = max(self._numbered_dirs(), default=0) + 1
-        self._check_latest(latest, self.versions())
-        meta = {"version": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(),
-                "dim": self.dim, "n_prototypes": len(vectors), "pool": list(pool),
-                "codebook": {"name": self.name, "model_id": self.model_id}}  # so `repair` can rebuild the manifest
+        return vectors, provenance
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version_dir_name(version)}-", dir=self.path))
+    def _write_version(self, tmp: Path, vectors: np.ndarray, provenance: pa.Table, params: dict) -> None:
+        """A complete version in the staging directory `tmp`: its files, read-only and on disk, SHA256SUMS last."""
+        np.save(tmp / "vectors.npy", vectors, allow_pickle=False)
+        pq.write_table(provenance, tmp / "provenance.parquet")
+        index = faiss.IndexFlatIP(self.dim)
+        index.add(normalise(vectors))
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        (tmp / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+        sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in VERSION_FILES)
+        (tmp / CHECKSUMS).write_text(sums)
+        for f in (*VERSION_FILES, CHECKSUMS):
+            os.chmod(tmp / f, 0o444)  # read-only: a version is never edited in place
+            fsync_path(tmp / f)  # on disk before the rename makes the version visible
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+
+    def _publish(self, tmp: Path, version: int) -> None:
+        """Rename the staged version into place: exactly one of two writers racing for a number wins."""
         try:
-            np.save(tmp / "vectors.npy", vectors, allow_pickle=False)
-            pq.write_table(provenance, tmp / "provenance.parquet")
-            index = faiss.IndexFlatIP(self.dim)
-            index.add(normalise(vectors))
-            faiss.write_index(index, str(tmp / "index.faiss"))
-            (tmp / "params.json").write_text(json.dumps({**meta, **params}, indent=2, sort_keys=True) + "\n")
-            sums = "".join(f"{sha256_file(tmp / f)}  {f}\n" for f in VERSION_FILES)
-            (tmp / CHECKSUMS).write_text(sums)
-            for f in (*VERSION_FILES, CHECKSUMS):
-                os.chmod(tmp / f, 0o444)  # read-only: a version is never edited in place
-                fsync_path(tmp / f)  # on disk before the rename makes the version visible
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-            try:
-                os.rename(tmp, self.path / version_dir_name(version))
-            except OSError as e:
-                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise StaleParent(
-                        f"{version_dir_name(version)} of {self.path} was committed by another writer first; "
-                        "re-open the codebook and rebuild on the new latest version", version) from None
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        fsync_path(self.path)  # the rename itself
-        self._write_manifest()
-        return version
+            os.rename(tmp, self.path / version_dir_name(version))
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise StaleParent(
+                    f"{version_dir_name(version)} of {self.path} was committed by another writer first; "
+                    "re-open the codebook and rebuild on the new latest version", version) from None
+            raise
 
     def _check_latest(self, latest, existing: list[int]) -> None:
         now = existing[-1] if existing else None

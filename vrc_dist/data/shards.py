@@ -187,6 +187,69 @@ def _finish(key: str, members: dict[str, bytes], problems: list[str]) -> Sample:
     return sample
 
 
+class _Grouping:
+    """Consecutive tar members grouped into samples by key (WebDataset rules), with the counts for messages."""
+
+    def __init__(self, max_member_bytes: int):
+        self.max_member_bytes = max_member_bytes
+        self.seen: set[str] = set()
+        self.key: str | None = None
+        self.members: dict[str, bytes] = {}
+        self.problems: list[str] = []
+        self.n_members = self.n_samples = 0
+
+    def member(self, info) -> tuple[str, str] | None:
+        """(key, extension) of a member that belongs to a sample; None for one that is skipped."""
+        self.n_members += 1
+        if info.isdir() or (info.name.startswith("__") and "/" not in info.name):
+            return None
+        prefix, ext = base_plus_ext(info.name)
+        return None if prefix is None else (prefix, ext)
+
+    def switch(self, key: str) -> Sample | None:
+        """Start the sample of `key` unless it is the current one; returns the sample that ended."""
+        if key == self.key:
+            return None
+        done = self.finish()
+        self.key, self.members, self.problems = key, {}, []
+        if key in self.seen:
+            self.problems.append(f"duplicate key {key!r} in shard (members not adjacent)")
+        self.seen.add(key)
+        return done
+
+    def read(self, tar, info, ext: str) -> None:
+        """The member's bytes into the current sample, or the reason it is refused."""
+        name = info.name
+        why = unsafe_member_name(name)
+        if why:
+            self.problems.append(f"{why}: {name!r}")
+        elif not info.isreg():
+            self.problems.append(f"member {name!r} is not a regular file")
+        elif info.size > self.max_member_bytes:
+            self.problems.append(f"member {name!r} is {info.size} bytes (limit {self.max_member_bytes})")
+        elif ext in self.members:
+            self.problems.append(f"duplicate member {name!r}")
+        else:
+            self.members[ext] = tar.extractfile(info).read()
+
+    def finish(self) -> Sample | None:
+        """The sample being read, complete (None before the first member)."""
+        if self.key is None:
+            return None
+        self.n_samples += 1
+        return _finish(self.key, self.members, self.problems)
+
+    def broken(self, e: BaseException) -> Sample | None:
+        """The sample being read when the data ended: kept if its image is whole."""
+        sample = self.finish()
+        if sample is not None:
+            if sample.error:
+                sample.error += f"; shard broke off while reading this sample: {e}"
+            else:
+                sample.warnings.append(f"shard broke off after this sample ({e}); members may be missing")
+        return sample
+
+
 def iter_samples(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[Sample]:
     """Yield the samples of one shard in tar order, grouping consecutive members by key (WebDataset rules).
 
@@ -198,60 +261,32 @@ def iter_samples(url: str, max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator
         stream = _open(url)
     except (OSError, ValueError) as e:
         raise ShardOpenError(f"cannot open shard {url}: {e}") from e
-    seen: set[str] = set()
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    problems: list[str] = []
-    n_members = n_samples = 0
+    group = _Grouping(max_member_bytes)
     try:
         with stream:
             try:
                 tar = tarfile.open(fileobj=stream, mode="r|*")
                 for info in tar:
-                    n_members += 1
-                    name = info.name
-                    if info.isdir() or (name.startswith("__") and "/" not in name):
+                    member = group.member(info)
+                    if member is None:
                         continue
-                    prefix, ext = base_plus_ext(name)
-                    if prefix is None:
-                        continue
-                    if prefix != key:
-                        if key is not None:
-                            n_samples += 1
-                            yield _finish(key, members, problems)
-                        key, members, problems = prefix, {}, []
-                        if prefix in seen:
-                            problems.append(f"duplicate key {prefix!r} in shard (members not adjacent)")
-                        seen.add(prefix)
-                    why = unsafe_member_name(name)
-                    if why:
-                        problems.append(f"{why}: {name!r}")
-                    elif not info.isreg():
-                        problems.append(f"member {name!r} is not a regular file")
-                    elif info.size > max_member_bytes:
-                        problems.append(f"member {name!r} is {info.size} bytes (limit {max_member_bytes})")
-                    elif ext in members:
-                        problems.append(f"duplicate member {name!r}")
-                    else:
-                        members[ext] = tar.extractfile(info).read()
+                    sample = group.switch(member[0])
+                    if sample is not None:
+                        yield sample
+                    group.read(tar, info, member[1])
                     tar.members = []  # streaming: do not keep every header of a big shard
             except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-                if key is not None:  # the sample being read when the data ended: keep it if its image is whole
-                    sample = _finish(key, members, problems)
-                    if sample.error:
-                        sample.error += f"; shard broke off while reading this sample: {e}"
-                    else:
-                        sample.warnings.append(f"shard broke off after this sample ({e}); members may be missing")
-                    n_samples += 1
+                sample = group.broken(e)
+                if sample is not None:
                     yield sample
                 reason = "empty file" if str(e) == "empty file" else f"{type(e).__name__}: {e}"
-                raise ShardReadError(f"shard {url} is corrupt after {n_members} members: {reason}") from e
+                raise ShardReadError(f"shard {url} is corrupt after {group.n_members} members: {reason}") from e
     except ShardError:
         raise
     except OSError as e:  # closing a pipe: or curl stream that failed
         raise ShardReadError(f"shard {url}: {e}") from e
-    if key is not None:
-        n_samples += 1
-        yield _finish(key, members, problems)
-    if n_samples == 0:
-        raise ShardReadError(f"shard {url} is empty: no samples in {n_members} members")
+    sample = group.finish()
+    if sample is not None:
+        yield sample
+    if group.n_samples == 0:
+        raise ShardReadError(f"shard {url} is empty: no samples in {group.n_members} members")

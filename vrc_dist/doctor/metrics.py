@@ -20,19 +20,44 @@ COUNT_FIELDS = ("images_ok", "images_error", "tokens", "candidates")
 
 
 def check_metrics(out: Path, report: Report) -> None:
+    """Every check of a metrics output directory (module doc of vrc_dist.doctor)."""
+    manifest = _check_manifest(out, report)
+    if manifest is None:
+        return
+    shards, done, dim = manifest
+    _check_stray_files(out, shards, done, report)
+    schemas = {"tokens": ms.TOKENS_SCHEMA, "images": ms.IMAGES_SCHEMA,
+               "candidates": ms.candidates_schema(dim) if isinstance(dim, int) else None}
+    token_ids, cand_ids, image_keys = [], [], []  # per done shard, for duplicate checks over the dataset
+    for name in done:
+        tables = _read_shard(out, name, schemas, report)
+        if len(tables) < 3:
+            continue
+        _check_shard(out, name, shards[name], tables, report)
+        ok = tables["images"].filter(pc.equal(tables["images"]["status"], "ok"))
+        image_keys.append((name, ok.column("key")))  # error rows may repeat a key (that is why they failed)
+        token_ids.append((name, tables["tokens"].select(["key", "token_index"])))
+        cand_ids.append((name, tables["candidates"].select(["key", "token_index"])))
 
+    _check_unique_keys(out, image_keys, report)
+    for table, parts in (("tokens", token_ids), ("candidates", cand_ids)):
+        _check_unique_ids(out / table, parts, report)
+
+
+def _check_manifest(out: Path, report: Report) -> tuple[dict, list[str], int | None] | None:
+    """(shards, names of the done shards, embed_dim) from a manifest fit to check the files by; None if not."""
     mpath = out / ms.MANIFEST
     data = json.loads(mpath.read_text())
     if data.get("format_version") != ms.FORMAT_VERSION:
         report.error(mpath, f"format_version {data.get('format_version')!r}; this code reads {ms.FORMAT_VERSION}")
-        return
+        return None
     for key in ("config", "versions", "shards", "model_info", "created"):
         if key not in data:
             report.error(mpath, f"missing field {key!r}")
     shards = data.get("shards")
     if not isinstance(shards, dict):
         report.error(mpath, "`shards` is not a mapping")
-        return
+        return None
     versions = data.get("versions") or {}
     if not versions.get("vrc-dist"):
         report.warn(mpath, "no vrc-dist version recorded in `versions`")
@@ -53,9 +78,12 @@ def check_metrics(out: Path, report: Report) -> None:
             done.append(name)
     if done and not isinstance(dim, int):
         report.error(mpath, "model_info.embed_dim missing although shards are done")
-        return
+        return None
+    return shards, done, dim
 
-    # Files on disk that the manifest does not account for.
+
+def _check_stray_files(out: Path, shards: dict, done: list[str], report: Report) -> None:
+    """Files on disk that the manifest does not account for."""
     for table in ms.TABLES:
         tdir = out / table
         if not tdir.is_dir():
@@ -74,38 +102,26 @@ def check_metrics(out: Path, report: Report) -> None:
                 report.warn(f, f"shard {f.stem!r} is {shards[f.stem].get('status')} in the manifest: "
                                "this file is not counted and the next run rewrites it")
 
-    schemas = {"tokens": ms.TOKENS_SCHEMA, "images": ms.IMAGES_SCHEMA,
-               "candidates": ms.candidates_schema(dim) if isinstance(dim, int) else None}
-    token_ids, cand_ids, image_keys = [], [], []  # per done shard, for duplicate checks over the dataset
-    for name in done:
-        entry = shards[name]
-        tables = {}
-        for table in ms.TABLES:
-            f = ms.table_path(out, table, name)
-            if not f.exists():
-                report.error(f, f"missing: the manifest lists shard {name!r} as done")
-                continue
-            try:
-                t = pq.read_table(f)
-            except (pa.ArrowException, OSError) as e:
-                report.error(f, f"unreadable Parquet: {e}")
-                continue
-            why = schema_diff(t.schema, schemas[table])
-            if why:
-                report.error(f, why)
-                continue
-            tables[table] = t
-        if len(tables) < 3:
-            continue
-        _check_shard(out, name, entry, tables, report)
-        ok = tables["images"].filter(pc.equal(tables["images"]["status"], "ok"))
-        image_keys.append((name, ok.column("key")))  # error rows may repeat a key (that is why they failed)
-        token_ids.append((name, tables["tokens"].select(["key", "token_index"])))
-        cand_ids.append((name, tables["candidates"].select(["key", "token_index"])))
 
-    _check_unique_keys(out, image_keys, report)
-    for table, parts in (("tokens", token_ids), ("candidates", cand_ids)):
-        _check_unique_ids(out / table, parts, report)
+def _read_shard(out: Path, name: str, schemas: dict, report: Report) -> dict:
+    """The done shard's tables that exist, read and have their contract schema (the rest are reported)."""
+    tables = {}
+    for table in ms.TABLES:
+        f = ms.table_path(out, table, name)
+        if not f.exists():
+            report.error(f, f"missing: the manifest lists shard {name!r} as done")
+            continue
+        try:
+            t = pq.read_table(f)
+        except (pa.ArrowException, OSError) as e:
+            report.error(f, f"unreadable Parquet: {e}")
+            continue
+        why = schema_diff(t.schema, schemas[table])
+        if why:
+            report.error(f, why)
+            continue
+        tables[table] = t
+    return tables
 
 
 def _check_shard(out: Path, name: str, entry: dict, t: dict, report: Report) -> None:

@@ -114,11 +114,20 @@ def dpc_knn_faiss(
         nb_d[q], nb_id[q], nb_lo[q] = _certified(sp, search, q, m0, n, exact, lambda d, lo: d[:, k - 1] <= lo)
     rho = _density(nb_d[:, :k], seed)
 
-    # delta: the first denser point of a distance-sorted list is the nearest denser point, as long
-    # as nothing left out of the list could be nearer; the rest get longer lists, then a full scan.
+    delta = _faiss_delta(sp, search, rho, blocks, (nb_d, nb_id, nb_lo), m0, exact, block_size)
+    centers = _centers(rho, delta, n_clusters)
+    labels = _faiss_assign(sp, centers, blocks, use_gpu, nprobe, hnsw_m, ef_search, seed)
+    return _result(labels, centers, rho, delta)
+
+
+def _faiss_delta(sp, search, rho, blocks, neighbours, m0: int, exact: bool, block_size: int) -> np.ndarray:
+    """delta of every point: the first denser point of a distance-sorted list is the nearest denser point, as
+    long as nothing left out of the list could be nearer; the rest get longer lists, then a full scan."""
+    nb_d, nb_id, nb_lo = neighbours
+    n = len(rho)
     delta = np.full(n, np.nan)
     top = int(np.argmax(rho))
-    step = max(1, _CELLS // x.shape[1])
+    step = max(1, _CELLS // sp.x32.shape[1])
     delta[top] = max(sp.dist([top], np.arange(i, min(i + step, n))[None]).max() for i in range(0, n, step))
     pending = []
     for q in blocks:
@@ -137,18 +146,20 @@ def dpc_knn_faiss(
         pending = np.concatenate(left)
     if len(pending):
         delta[pending] = _scan_denser(sp, rho, pending)
+    return delta
 
-    # assignment: nearest centre through a flat index over the centres, ties to the earliest centre.
-    centers = _centers(rho, delta, n_clusters)
+
+def _faiss_assign(sp, centers, blocks, use_gpu, nprobe, hnsw_m, ef_search, seed) -> np.ndarray:
+    """Each point's nearest centre through a flat index over the centres, ties to the earliest centre."""
     c32 = sp.x32[centers]
     csearch = _searcher(_build(c32, "flat", use_gpu, nprobe, hnsw_m, ef_search, seed), sp.x32, c32, True)
-    labels = np.empty(n, np.int64)
+    labels = np.empty(len(sp.x32), np.int64)
     for q in blocks:
         d, ids, lo = _certified(
             sp, csearch, q, min(len(centers), _EXTRA), len(centers), True, lambda d, lo: d[:, 0] < lo, base=centers
         )
         labels[q] = ids[:, 0]
-    return _result(labels, centers, rho, delta)
+    return labels
 
 
 def _check(x, k, n_clusters) -> np.ndarray:

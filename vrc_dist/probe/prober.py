@@ -96,9 +96,14 @@ class Prober:
 
     @torch.no_grad()
     def probe(self, image, key: str) -> ImageResult:
-        cfg, pad = self.cfg, self.adapter.pad_embedding
         feats = self.adapter.encode_image(image)
-        v, grid = feats.tokens, feats.grid
+        top1_prob, top1_id, intact, jsd_region, jsd_global = self._passes(feats.tokens, feats.grid)
+        return self._result(key, feats, top1_prob, top1_id, intact, jsd_region, jsd_global)
+
+    def _passes(self, v: torch.Tensor, grid: tuple[int, int]):
+        """The three passes over visual tokens v [L, D]: (top1_prob, top1_id, intact logits, jsd_region,
+        jsd_global), the divergences as numpy arrays."""
+        cfg, pad = self.cfg, self.adapter.pad_embedding
         n = len(v)
         win = windows(grid, cfg.window)
         # Variants that depend only on the window are computed once per distinct window when batched.
@@ -135,6 +140,12 @@ class Prober:
         k, conv = cfg.k_div, cfg.divergence
         jsd_region = divergence(region_a, region_b, k, conv).cpu().numpy()
         jsd_global = divergence(intact.expand_as(global_b), global_b, k, conv).cpu().numpy()
+        return top1_prob, top1_id, intact, jsd_region, jsd_global
+
+    def _result(self, key: str, feats, top1_prob, top1_id, intact, jsd_region, jsd_global) -> ImageResult:
+        """Score, the low-info and per-image cluster filters (steps 6-7), and the image's token columns."""
+        cfg, v, grid = self.cfg, feats.tokens, feats.grid
+        n = len(v)
         score = cfg.k_region * jsd_region + cfg.k_global * jsd_global
         top1_prob = top1_prob.cpu().numpy()
         low_info = (score < cfg.jsd_thres) & (top1_prob < cfg.top1_thres)
