@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import tarfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,8 +19,6 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 INJECT = Path(__file__).resolve().parent / "inject"  # test-only fault injection, see its sitecustomize.py
-if str(TESTS) not in sys.path:  # ray_head, tiny_models live one level up
-    sys.path.insert(0, str(TESTS))
 
 DIM, L = 6, 4
 

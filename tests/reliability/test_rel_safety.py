@@ -90,7 +90,7 @@ def test_the_scan_catches_what_it_forbids(tmp_path, monkeypatch):
 def test_the_safe_loaders_are_the_ones_in_use():
     """Sanity: the scan saw the codebook's torch.load and np.load, and judged them safe."""
     seen = {(str(p), n) for p, _, n, _ in loader_calls()}
-    assert ("vrc_dist/codebook/interchange.py", "torch.load") in seen and ("vrc_dist/codebook/store.py", "np.load") in seen
+    assert ("vrc_dist/codebook/interchange.py", "torch.load") in seen and ("vrc_dist/codebook/format.py", "np.load") in seen
 
 
 def test_traversal_member_names_never_become_paths(sandbox):

@@ -112,14 +112,38 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class VersionFileError(CodebookError):
+    """A file of a version (or of the pool) is missing, changed or malformed; the message is `path: reason`."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+# The one validation of a version's files: Codebook._load raises on the first problem, the doctor reports each.
+
 def verify_file(f: Path, digest: str, listed_in: str) -> None:
-    """Raise CodebookError unless `f` exists with sha256 `digest` (as recorded in `listed_in`)."""
+    """Raise VersionFileError unless `f` exists with sha256 `digest` (as recorded in `listed_in`)."""
     if not f.is_file():
-        raise CodebookError(f"{f}: missing (listed in {listed_in})")
+        raise VersionFileError(f, f"missing (listed in {listed_in})")
     actual = sha256_file(f)
     if actual != digest:
-        raise CodebookError(f"{f}: checksum mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
-                            "the file changed after commit")
+        raise VersionFileError(f, f"checksum mismatch (recorded {digest[:12]}..., found {actual[:12]}...): "
+                                  "the file changed after commit")
+
+
+def read_vectors(vdir: Path, dim: int) -> np.ndarray:
+    """A version's prototypes: refused (VersionFileError) unless a plain float array [N, dim]; never unpickled."""
+    path = vdir / "vectors.npy"
+    try:
+        vectors = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:  # e.g. an object array
+        raise VersionFileError(path, f"not a plain numeric array: {e}") from None
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise VersionFileError(path, f"shape {vectors.shape}, expected [N, {dim}]")
+    if not np.issubdtype(vectors.dtype, np.floating):
+        raise VersionFileError(path, f"dtype {vectors.dtype}, expected float")
+    return vectors
 
 
 def normalise(vectors: np.ndarray) -> np.ndarray:

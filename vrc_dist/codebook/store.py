@@ -36,6 +36,7 @@ from vrc_dist.codebook.format import (
     normalise,
     parse_version,
     read_checksums,
+    read_vectors,
     resolve_path,
     sha256_file,
     verify_file,
@@ -312,14 +313,7 @@ class Codebook:
         sums = read_checksums(vdir)
         for name, digest in sums.items():
             verify_file(vdir / name, digest, CHECKSUMS)
-        try:
-            vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
-        except (ValueError, OSError) as e:  # e.g. an object array: refused, never unpickled
-            raise CodebookError(f"{vdir / 'vectors.npy'}: not a plain numeric array: {e}") from None
-        if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
-            raise CodebookError(f"{vdir / 'vectors.npy'}: expected float [N, {self.dim}], got {vectors.dtype} "
-                                f"{vectors.shape}")
-        self.check_dim(vectors.shape[1], f"{vdir / 'vectors.npy'}")
+        vectors = read_vectors(vdir, self.dim)
         provenance = pq.read_table(vdir / "provenance.parquet")
         index = faiss.read_index(str(vdir / "index.faiss"))
         if not (provenance.num_rows == index.ntotal == len(vectors)) or index.d != self.dim:

@@ -5,7 +5,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -97,27 +96,19 @@ def _check_pool(path: Path, versions: dict[int, Path], report: Report, cb) -> No
 
 
 def _check_version(vdir: Path, v: int, dim: int, sums: dict, numbers: set, report: Report, faiss, cb) -> None:
-    for name, digest in sorted(sums.items()):
-        f = vdir / name
-        if not f.is_file():
-            report.error(f, f"missing (listed in {cb.CHECKSUMS})")
-            return
-        if cb.sha256_file(f) != digest:
-            report.error(f, "checksum mismatch: the file changed after commit")
-            return
+    try:
+        for name, digest in sorted(sums.items()):
+            cb.verify_file(vdir / name, digest, cb.CHECKSUMS)
+    except cb.VersionFileError as e:
+        report.error(e.path, e.reason)
+        return
     extra = sorted(p.name for p in vdir.iterdir() if p.name not in sums and p.name != cb.CHECKSUMS)
     if extra:
         report.warn(vdir, f"files not covered by {cb.CHECKSUMS}: {extra}")
     try:
-        vectors = np.load(vdir / "vectors.npy", allow_pickle=False)
-    except (ValueError, OSError) as e:
-        report.error(vdir / "vectors.npy", f"not a plain numeric array: {e}")
-        return
-    if vectors.ndim != 2 or vectors.shape[1] != dim:
-        report.error(vdir / "vectors.npy", f"shape {vectors.shape}, expected [N, {dim}]")
-        return
-    if not np.issubdtype(vectors.dtype, np.floating):
-        report.error(vdir / "vectors.npy", f"dtype {vectors.dtype}, expected float")
+        vectors = cb.read_vectors(vdir, dim)
+    except cb.VersionFileError as e:
+        report.error(e.path, e.reason)
         return
     bad = nonfinite_rows(vectors)
     if bad.size:
