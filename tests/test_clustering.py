@@ -33,7 +33,7 @@ def image_tokens(i: int, rng) -> list[tuple[int, np.ndarray]]:
 
 
 def write_dataset(root: Path, prefix: str, n_images: int, per_shard: int = 5, dim: int = DIM) -> Path:
-    """A metric dataset dir with candidates/<shard>.parquet in the metrics_store schema."""
+    """A metric dataset dir with candidates/<shard>.parquet in the metrics dataset schema (vrc_dist/build/schema.py)."""
     rng = np.random.default_rng(zlib.crc32(prefix.encode()))
     (root / "candidates").mkdir(parents=True)
     for s in range(0, n_images, per_shard):

@@ -45,7 +45,7 @@ def test_expand_braces_globs_and_literals(tmp_path):
 
 
 def test_every_form_names_the_same_shards(tmp_path):
-    """The forms every command's --shards accepts (one function, vrc_dist.shards.expand_shards)."""
+    """The forms every command's --shards accepts (one function, vrc_dist.data.expand_shards)."""
     d = tmp_path / "dir"
     d.mkdir()
     for i in range(3):

@@ -222,7 +222,7 @@ def test_duplicate_keys_across_shards_are_kept_flagged_and_refused_by_clustering
 
 
 def test_cross_shard_duplicates_resolved_by_the_build_are_counted_from_the_files(sandbox):
-    """The build's duplicate pass (build.drop_duplicate_keys; through Ray in test_runner.py) leaves a dataset
+    """The build's duplicate pass (build.pipeline.drop_duplicate_keys; through Ray in test_runner.py) leaves a dataset
     the doctor and clustering accept, changes nothing when run again, and repairs the counts of a manifest
     that missed a rewrite (a driver killed between the two)."""
     from vrc_dist.build.manifest import Manifest

@@ -11,7 +11,7 @@ keep ratios.
   no codebook: the token farthest from its nearest neighbour first, then each time the token farthest from
   every one kept. The closest published peer of codebook-diverse.
 - pool: average-pool the patch grid down to about the kept count (a h' x w' grid, h' = floor(sqrt(n))).
-- fastv: FastV (vrc_dist.fastv), prunes inside the LLM after layer K by the last token's attention.
+- fastv: FastV (vrc_dist.prune.fastv), prunes inside the LLM after layer K by the last token's attention.
 - oracle, anti-oracle: toy shards only, from the world's per-patch ground truth (see OracleMethod).
 All but fastv run through the same pruner as the codebook (vrc_dist.prune.InputPruner).
 """

@@ -147,7 +147,7 @@ def prune_visual_tokens(model, codebook: Codebook | str | None = None, *, keep: 
                         threshold: float | None = None, diverse: bool = False, group_sim: float = GROUP_SIM,
                         method=None):
     """Prune visual tokens of `model` inside the block: by codebook (keep ratio or similarity threshold; the
-    paper's rule, or this project's `diverse` extension), or by another `method` (see vrc_dist.baselines).
+    paper's rule, or this project's `diverse` extension), or by another `method` (see vrc_dist.prune.baselines).
     Yields the pruner; `.kept` lists tokens kept per image."""
     if method is None:
         if codebook is None:
