@@ -137,3 +137,14 @@ def test_toy_resolves_to_the_committed_checkpoint():
     if not (TOY_MODEL_DIR / "config.json").is_file():
         pytest.skip("toy checkpoint not built yet")
     assert resolve_checkpoint("toy") == TOY_MODEL_DIR
+
+
+# OneVision's full processor (AutoProcessor) needs torchvision for its video processor, which is not installed here.
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_load_checkpoint_builds_the_class_of_the_model_type(kind, tmp_path):
+    """`vrc eval` and `vrc toy eval` load through load_checkpoint: the class of the config's model_type."""
+    from vrc_dist.model.loading import MODEL_CLASSES, load_checkpoint
+
+    model, processor = load_checkpoint(tiny_models.save(kind, tmp_path / kind))
+    assert type(model) is MODEL_CLASSES[kind] and model.dtype == torch.float32 and not model.training
+    assert processor.tokenizer is not None

@@ -1,6 +1,8 @@
 """The `vrc` command: one module per subcommand in this package, each adding it through `register(subparsers)`.
 
-Shared option blocks are in options.py; the library never imports this package."""
+The shared option blocks live beside what they configure, for the Ray jobs to parse with too: the
+--config/--set block in vrc_dist/config.py, the build and extend arguments in vrc_dist/build/arguments.py.
+The library never imports this package."""
 from __future__ import annotations
 
 import argparse
