@@ -1,13 +1,12 @@
 """Parquet tables, atomic commits and the manifest; plus one shard through a fake prober (no model, no Ray)."""
 import io
 import json
-from types import SimpleNamespace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from fakes import DIM, FakeProber, L, fake_result
 from PIL import Image
 
 from vrc_dist.build.manifest import Manifest
@@ -16,27 +15,6 @@ from vrc_dist.build.schema import TABLES, TOKEN_FIELDS, table_path
 from vrc_dist.build.work import process_shard
 from vrc_dist.build.writer import ShardWriter
 from vrc_dist.data.shards import ShardSpec
-
-DIM, L = 6, 4
-
-
-def fake_result(key, n_cand=2, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = {name: rng.random(L) if pa.types.is_floating(t) else rng.integers(0, 9, L) for name, t in TOKEN_FIELDS}
-    tokens["token_index"] = np.arange(L)
-    tokens["low_info"] = tokens["candidate"] = np.array([True, False, True, False])
-    return SimpleNamespace(key=key, grid=(2, 2), answer="circle", answer_token_id=7, tokens=tokens,
-                           candidate_index=np.arange(n_cand, dtype=np.int32),
-                           candidate_vectors=rng.random((n_cand, DIM)).astype(np.float16))
-
-
-class FakeProber:
-    model_info = {"model_id": "fake", "embed_dim": DIM}
-
-    def probe(self, image, key):
-        if key == "explodes":
-            raise RuntimeError("boom")
-        return fake_result(key, seed=len(key))
 
 
 def test_writer_commits_three_tables_with_contract_schemas(tmp_path):

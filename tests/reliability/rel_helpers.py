@@ -1,4 +1,4 @@
-"""Helpers of the reliability suite: hostile shard and image builders, a fake prober, a Ray-free driver.
+"""Helpers of the reliability suite: hostile shard and image builders, a Ray-free driver (fakes: tests/fakes.py).
 
 The Ray-free driver (`run_local`) runs the shards through the library's LocalExecutor, in one process. It lets
 the fast tests drive the real reader, image loader and
@@ -10,17 +10,13 @@ import io
 import os
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
 INJECT = Path(__file__).resolve().parent / "inject"  # test-only fault injection, see its sitecustomize.py
 
-DIM, L = 6, 4
 
 
 # ---- images ---------------------------------------------------------------------------------------------
@@ -53,36 +49,10 @@ def raw_tar(path: Path, members, mode: str = "w") -> Path:
     return path
 
 
-# ---- a prober that honours the ImageResult contract without a model ---------------------------------------
-
-
-def fake_result(key: str, dim: int = DIM, n_cand: int = 2, seed: int = 0, vectors=None):
-    from vrc_dist.build.schema import TOKEN_FIELDS
-
-    rng = np.random.default_rng(seed)
-    tokens = {name: rng.random(L) if pa.types.is_floating(t) else rng.integers(0, 9, L) for name, t in TOKEN_FIELDS}
-    tokens["token_index"] = np.arange(L)
-    flags = np.zeros(L, bool)
-    flags[:n_cand] = True
-    tokens["low_info"] = tokens["candidate"] = flags
-    vec = rng.random((n_cand, dim)).astype(np.float16) if vectors is None else vectors
-    return SimpleNamespace(key=key, grid=(2, 2), answer="circle", answer_token_id=7, tokens=tokens,
-                           candidate_index=np.arange(n_cand, dtype=np.int32), candidate_vectors=vec)
-
-
-class FakeProber:
-    def __init__(self, dim: int = DIM):
-        self.model_info = {"model_id": "fake", "revision": None, "embed_dim": dim}
-        self.dim = dim
-        self.seen: list[tuple[str, tuple, str]] = []  # key, size, mode of what the prober got
-
-    def probe(self, image, key):
-        self.seen.append((key, image.size, image.mode))
-        return fake_result(key, self.dim, seed=sum(map(ord, key)))
-
-
 def run_local(shard_paths, out, prober=None, config=None) -> dict:
     """Every shard through the library's LocalExecutor (no Ray) into `out`, recorded in its manifest."""
+    from fakes import FakeProber
+
     from vrc_dist.build.executor import LocalExecutor
     from vrc_dist.build.manifest import Manifest
     from vrc_dist.config import BuildConfig

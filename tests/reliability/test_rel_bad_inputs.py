@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fakes import DIM, FakeProber
 from PIL import Image
-from rel_helpers import DIM, FakeProber, doctor_errors, encode, png, raw_tar, run_local
+from rel_helpers import doctor_errors, encode, png, raw_tar, run_local
 
 from vrc_dist.build.read import read_table
 
@@ -488,7 +489,7 @@ def test_nan_candidates_and_mixed_dims_are_refused_by_name(tmp_path):
 def test_nan_vectors_from_the_prober_are_caught_by_the_doctor(sandbox):
     """A model that overflows (fp16) hands NaN candidates to the writer; the dataset is written (nothing is
     lost), `vrc doctor` names the rows, and the clustering stage refuses them by file and key."""
-    from rel_helpers import fake_result
+    from fakes import fake_result
 
     from vrc_dist.codebook.clustering import ClusteringError, read_candidates
 

@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rel_helpers import FakeProber, fake_result, png, raw_tar, run_local
+from fakes import FakeProber, fake_result
+from rel_helpers import png, raw_tar, run_local
 
 from vrc_dist.build.schema import table_path
 from vrc_dist.cli import main

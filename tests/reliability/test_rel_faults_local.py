@@ -18,7 +18,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rel_helpers import FakeProber, child_env, doctor_errors, png, raw_tar, run_local
+from fakes import FakeProber
+from rel_helpers import child_env, doctor_errors, png, raw_tar, run_local
 
 from vrc_dist.codebook.format import PROVENANCE_SCHEMA
 from vrc_dist.codebook.store import Codebook
