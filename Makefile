@@ -14,7 +14,7 @@ LATEST     ?= .venv-latest
 # Under CI, keep the default suite and skip the long reliability runs.
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: venv demo test test-all test-latest lock bench clean
+.PHONY: venv demo test lint test-all test-latest lock bench clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,11 @@ demo: $(STAMP)
 
 # pytest exits 5 when it collects nothing; make treats any non-zero exit as failure, so it cannot pass silently.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 test-all: $(STAMP)
 	$(PY) -m pytest

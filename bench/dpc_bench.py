@@ -60,7 +60,7 @@ def blobs(n: int, dim: int, dtype: str, seed: int = 0) -> np.ndarray:
 
 def run_case(method: str, n: int, dim: int, dtype: str, labels_out: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from vrc_dist.dpc import dpc_knn
+    from vrc_dist.probe.dpc import dpc_knn
 
     x = blobs(n, dim, dtype)
     before = resource.getrusage(resource.RUSAGE_SELF)

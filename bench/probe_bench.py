@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vrc_dist.config import load_probe_config
-from vrc_dist.probe import Prober
+from vrc_dist.probe.prober import Prober
 from vrc_dist.toy.world import render
 
 

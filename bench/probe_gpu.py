@@ -24,11 +24,19 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
 
 from vrc_dist.config import ProbeConfig
-from vrc_dist.model import LlavaAdapter, resolve_device_dtype
-from vrc_dist.probe import Prober, batches, windows
+from vrc_dist.eval.flops import forward_flops
+from vrc_dist.model.adapter import LlavaAdapter
+from vrc_dist.model.loading import resolve_device_dtype
+from vrc_dist.probe.prober import Prober, batches, windows
 from vrc_dist.toy.tokenizer import CHAT_TEMPLATE, build_tokenizer
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
@@ -53,16 +61,10 @@ def build_adapter(args) -> LlavaAdapter:
     return LlavaAdapter(model, processor, tokenizer, model_id=f"random-llava-1.5-{args.layers}L", token_budget=args.token_budget)
 
 
-def linear_params(adapter: LlavaAdapter) -> int:
-    """Parameters every LM token multiplies through (decoder layers; embeddings are lookups)."""
-    return sum(p.numel() for p in adapter.language_model.layers.parameters())
-
-
 def lm_flops(adapter: LlavaAdapter, new_tokens: int, context: int) -> float:
-    """FLOPs for `new_tokens` appended after `context` cached tokens, logits at the last position only."""
-    cfg = adapter.config.text_config
-    attention = 4 * cfg.num_hidden_layers * cfg.hidden_size * (new_tokens * context + new_tokens * (new_tokens + 1) / 2)
-    return 2 * linear_params(adapter) * new_tokens + attention + 2 * cfg.hidden_size * cfg.vocab_size
+    """FLOPs for `new_tokens` appended after `context` cached tokens, logits at the last position only
+    (the project's one FLOP model, vrc_dist/eval/flops.py)."""
+    return forward_flops(adapter.config.text_config, new_tokens, context)
 
 
 def image_flops(adapter: LlavaAdapter, cfg: ProbeConfig, grid) -> tuple[float, float]:
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if adapter.device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     floor, done = image_flops(adapter, cfg, result.grid)
-    print(f"device {name}, {adapter.dtype}, LM {args.layers} layers x D {args.hidden} ({linear_params(adapter) / 1e9:.3g} B "
+    print(f"device {name}, {adapter.dtype}, LM {args.layers} layers x D {args.hidden} ({sum(p.numel() for p in adapter.language_model.layers.parameters()) / 1e9:.3g} B "
           f"linear params), grid {result.grid[0]}x{result.grid[1]}, prompt {len(adapter.prefix_embeddings)} + "
           f"{len(adapter.suffix_embeddings)} tokens, token budget {args.token_budget}\n")
     print("| images/s | s/image | floor PFLOP/image | computed PFLOP/image | floor fraction | MFU |")

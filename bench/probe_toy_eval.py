@@ -18,14 +18,14 @@ import numpy as np
 from PIL import Image
 
 from vrc_dist.config import load_probe_config
-from vrc_dist.probe import Prober
-from vrc_dist.shards import SHARDS_HELP
+from vrc_dist.data.shards import SHARDS_HELP
+from vrc_dist.probe.prober import Prober
 
 
 def samples_from(args):
     """(image, mask [gh, gw]) pairs, from shards or rendered directly (the same samples either way)."""
     if args.shards:
-        from vrc_dist.shards import expand_shards
+        from vrc_dist.data.shards import expand_shards
         from vrc_dist.toy.data import load_toy_samples
 
         urls = [spec.url for spec in expand_shards(args.shards)][: args.max_shards]

@@ -14,7 +14,8 @@ import argparse  # noqa: E402
 
 import ray  # noqa: E402
 
-from vrc_dist.build_cli import add_arguments, config_from_args, execute, reject_relative_paths  # noqa: E402
+from vrc_dist.build.arguments import add_arguments, config_from_args, reject_relative_paths  # noqa: E402
+from vrc_dist.build.pipeline import execute  # noqa: E402
 
 
 def main() -> int:

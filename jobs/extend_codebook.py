@@ -3,7 +3,7 @@
 
 Probes only the images the parent version (default: the latest) has not seen into the new metrics dataset
 --out, then re-clusters the parent's candidate pool with the new candidates and commits the next version.
-The probe settings are the parent's; see vrc_dist/extend.py.
+The probe settings are the parent's; see vrc_dist/build/extend.py.
 """
 import logging
 import sys
@@ -16,18 +16,18 @@ import argparse  # noqa: E402
 
 import ray  # noqa: E402
 
-from vrc_dist.build_cli import reject_relative_paths  # noqa: E402
-from vrc_dist.extend import add_arguments, execute, prepare  # noqa: E402
+from vrc_dist.build.arguments import add_extend_arguments, prepare_extend, reject_relative_paths  # noqa: E402
+from vrc_dist.build.extend import execute  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    add_arguments(parser)
+    add_extend_arguments(parser)
     args = parser.parse_args()
     reject_relative_paths(parser, [args.out, args.codebook, *args.shards])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        parent, cfg = prepare(args)  # settings are checked before Ray starts anything
+        parent, cfg = prepare_extend(args)  # settings are checked before Ray starts anything
         ray.init(address="auto")
         return execute(parent, cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input or settings: one clear line, no traceback

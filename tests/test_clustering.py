@@ -11,8 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vrc_dist.clustering import AlreadyCommitted, ClusteringError, build_version, cluster_candidates, read_candidates
-from vrc_dist.codebook import Codebook, CodebookError, StaleParent
+from vrc_dist.codebook.clustering import (
+    AlreadyCommitted,
+    ClusteringError,
+    build_version,
+    cluster_candidates,
+    read_candidates,
+)
+from vrc_dist.codebook.format import CodebookError, StaleParent
+from vrc_dist.codebook.store import Codebook
 from vrc_dist.config import ClusterConfig
 
 DIM = 8
@@ -26,7 +33,7 @@ def image_tokens(i: int, rng) -> list[tuple[int, np.ndarray]]:
 
 
 def write_dataset(root: Path, prefix: str, n_images: int, per_shard: int = 5, dim: int = DIM) -> Path:
-    """A metric dataset dir with candidates/<shard>.parquet in the metrics_store schema."""
+    """A metric dataset dir with candidates/<shard>.parquet in the metrics dataset schema (vrc_dist/build/schema.py)."""
     rng = np.random.default_rng(zlib.crc32(prefix.encode()))
     (root / "candidates").mkdir(parents=True)
     for s in range(0, n_images, per_shard):

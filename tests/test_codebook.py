@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 
 import vrc_dist
-from vrc_dist import codebook
-from vrc_dist.codebook import (
-    PROVENANCE_SCHEMA, Codebook, CodebookError, export_reference, import_reference, load_reference, resolve_path,
-)
+from vrc_dist.codebook import store as codebook
+from vrc_dist.codebook.format import PROVENANCE_SCHEMA, CodebookError, resolve_path
+from vrc_dist.codebook.interchange import export_reference, import_reference, load_reference
+from vrc_dist.codebook.store import Codebook
 from vrc_dist.toy import TOY_CODEBOOK_DIR
 
 DIM = 16
@@ -373,12 +373,12 @@ def test_import_never_unpickles_objects(tmp_path):
 
 def test_cli_query_with_a_real_tiny_llava(tmp_path, capsys):
     """Prototypes = the image's own visual tokens, so each token's nearest prototype is itself (cosine 1)."""
+    import tiny_models
     from PIL import Image
 
-    import tiny_models
     from vrc_dist.cli import main
     from vrc_dist.config import ProbeConfig
-    from vrc_dist.probe import Prober
+    from vrc_dist.probe.prober import Prober
 
     model = tiny_models.save("llava", tmp_path / "tiny-llava")
     image = tmp_path / "img.png"

@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 
 from vrc_dist.cli import main
-from vrc_dist.codebook import Codebook
+from vrc_dist.codebook.store import Codebook
 
 
 def make_codebook(path, versions=2, n=4, dim=8):

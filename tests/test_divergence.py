@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vrc_dist.divergence import divergence, top1_of_head
+from vrc_dist.probe.divergence import divergence, top1_of_head
 
 # A's top-2 ids are 0 and 1 with P = (3/4, 1/4); B on those ids gives Q = (1/2, 1/2), and its large
 # logit on id 2 must not matter (outside A's top-k). M = (5/8, 3/8).

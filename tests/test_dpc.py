@@ -4,8 +4,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from vrc_dist import dpc
-from vrc_dist.dpc import dpc_knn, dpc_knn_exact, dpc_knn_faiss
+from vrc_dist.probe import dpc
+from vrc_dist.probe.dpc import dpc_knn, dpc_knn_exact, dpc_knn_faiss
 
 
 def ari(a, b):

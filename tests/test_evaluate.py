@@ -7,11 +7,14 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
-
 import tiny_models
+
 from vrc_dist.cli import main
-from vrc_dist.codebook import Codebook, resolve_path
-from vrc_dist.evaluate import add_intervals, evaluate, layer_flops, prefill_flops
+from vrc_dist.codebook.format import resolve_path
+from vrc_dist.codebook.store import Codebook
+from vrc_dist.eval.flops import layer_flops, prefill_flops
+from vrc_dist.eval.harness import add_intervals, evaluate
+from vrc_dist.eval.records import QARecord, records_from_samples
 from vrc_dist.toy import TOY_MODEL_DIR
 from vrc_dist.toy.data import load_toy_samples
 from vrc_dist.toy.write_shards import make_shards
@@ -102,10 +105,10 @@ def test_toy_eval_split_controls_and_the_diverse_rule(tmp_path):
     oracles bracket random keep, and codebook-diverse holds the unpruned accuracy and beats the baselines.
     What this world does not show (README): that the codebook itself helps; codebook-diverse scores the
     same with a random codebook."""
-    from vrc_dist.toy.evaluate import load_checkpoint
+    from vrc_dist.model.loading import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
-    samples = load_toy_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval"))
+    samples = records_from_samples(load_toy_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval")))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
     unpruned = evaluate(model, processor, samples, ["random"], [1.0], repeats=1)[0]
     baselines = ["codebook", "random", "cls", "pool", "fastv"]  # FastV at its paper's K=2
@@ -120,3 +123,18 @@ def test_toy_eval_split_controls_and_the_diverse_rule(tmp_path):
     for keep in (0.111, 0.056):
         # Measured: 0.820 / 0.820, against at most 0.799 / 0.800 (FastV).
         assert acc["codebook-diverse", keep] >= max(acc[m, keep] for m in baselines)
+
+
+def test_toy_samples_satisfy_the_qa_record_contract(tmp_path):
+    samples = load_toy_samples(make_shards(tmp_path, 1, 3, seed=100, split="eval"))
+    records = records_from_samples(samples)
+    assert len(records) == sum(len(s["meta"]["qa"]) for s in samples)
+    first = records[0]
+    qa = samples[0]["meta"]["qa"][0]
+    assert (first.question, first.answers, first.type) == (qa["question"], (qa["answer"],), qa["type"])
+    assert first.image is samples[0]["image"] and first.truth is not None  # the oracles' ground truth
+    plain = records_from_samples([{"image": first.image, "meta": {"qa": [
+        {"question": "q?", "answers": ["a", "b"], "type": "vqa"}]}}])  # converted benchmark data: no truth
+    assert plain == [QARecord(first.image, "q?", ("a", "b"), "vqa")]
+    with pytest.raises(ValueError, match="no answer"):
+        QARecord(first.image, "q?", (), "vqa")

@@ -21,14 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from vrc_dist.clustering import build_version
-from vrc_dist.codebook import CHECKSUMS, VERSION_FILES, Codebook, sha256_file
+from vrc_dist.build.arguments import prepare_extend
+from vrc_dist.build.extend import ExtendError, extend_config, known_images, open_parent, run_extend
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TOKEN_FIELDS, table_path
+from vrc_dist.build.work import process_shard
+from vrc_dist.codebook.clustering import build_version
+from vrc_dist.codebook.format import CHECKSUMS, VERSION_FILES, sha256_file
+from vrc_dist.codebook.store import Codebook
 from vrc_dist.config import ClusterConfig, ProbeConfig, to_dict
-from vrc_dist.extend import ExtendError, extend_config, known_images, open_parent, prepare, run_extend
-from vrc_dist.metrics_store import TOKEN_FIELDS, Manifest, read_table, table_path
-from vrc_dist.shards import ShardSpec, iter_samples
+from vrc_dist.data.shards import ShardSpec, iter_samples
 from vrc_dist.toy.write_shards import make_shards
-from vrc_dist.worker import process_shard
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 4
@@ -140,7 +144,7 @@ def test_an_unusable_out_is_refused_before_ray(parent, tmp_path):
         args = argparse.Namespace(codebook=str(parent.path), parent=None, config=None, set=[], model=None,
                                   shards=["x.tar"], out=str(out), actors=None)
         with pytest.raises(ValueError, match=error):
-            prepare(args)
+            prepare_extend(args)
 
 
 def test_a_version_without_a_pool_is_refused(parent):
@@ -225,3 +229,18 @@ def test_extend_probes_only_new_images_and_equals_a_fresh_build(head, tmp_path):
     assert extended.params["pool"][3]["candidates"] == sha256_file(table_path(tmp_path / "mB", "candidates",
                                                                               "train-00002"))
     assert "/" not in json.dumps(extended.params["pool"]) and "/" not in json.dumps(fresh.params["pool"])
+
+
+def test_run_metrics_runs_under_the_local_executor_without_ray(toy_shard, tmp_path):
+    from vrc_dist.build.executor import LocalExecutor
+    from vrc_dist.build.pipeline import run_metrics
+    from vrc_dist.config import BuildConfig
+
+    cfg = BuildConfig(shards=[str(toy_shard)], out=str(tmp_path / "out"))
+    prober = FakeProber()
+    summary = run_metrics(cfg, executor=LocalExecutor(cfg, prober))
+    assert (summary["shards_done"], summary["images_ok"], summary["tokens"]) == (1, 4, 4)
+    assert Manifest.load(cfg.out).shards[toy_shard.stem]["attempts"] == 1
+    assert read_table(cfg.out, "candidates").num_rows == 4
+    again = run_metrics(cfg, executor=LocalExecutor(cfg, prober))  # resumed: the done shard is not run again
+    assert (again["shards_skipped"], again["shards_done"], len(prober.probed)) == (1, 0, 4)

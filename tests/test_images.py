@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vrc_dist.images import MAX_PIXELS, ImageError, load_image
+from vrc_dist.data.images import MAX_PIXELS, ImageError, load_image
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:

@@ -1,39 +1,20 @@
 """Parquet tables, atomic commits and the manifest; plus one shard through a fake prober (no model, no Ray)."""
 import io
 import json
-from types import SimpleNamespace
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+from fakes import DIM, FakeProber, L, fake_result
 from PIL import Image
 
-from vrc_dist.metrics_store import TABLES, TOKEN_FIELDS, Manifest, ShardWriter, read_table, table_path
-from vrc_dist.shards import ShardSpec
-from vrc_dist.worker import FaultSwitch, process_shard
-
-DIM, L = 6, 4
-
-
-def fake_result(key, n_cand=2, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = {name: rng.random(L) if pa.types.is_floating(t) else rng.integers(0, 9, L) for name, t in TOKEN_FIELDS}
-    tokens["token_index"] = np.arange(L)
-    tokens["low_info"] = tokens["candidate"] = np.array([True, False, True, False])
-    return SimpleNamespace(key=key, grid=(2, 2), answer="circle", answer_token_id=7, tokens=tokens,
-                           candidate_index=np.arange(n_cand, dtype=np.int32),
-                           candidate_vectors=rng.random((n_cand, DIM)).astype(np.float16))
-
-
-class FakeProber:
-    model_info = {"model_id": "fake", "embed_dim": DIM}
-
-    def probe(self, image, key):
-        if key == "explodes":
-            raise RuntimeError("boom")
-        return fake_result(key, seed=len(key))
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TABLES, TOKEN_FIELDS, table_path
+from vrc_dist.build.work import process_shard
+from vrc_dist.build.writer import ShardWriter
+from vrc_dist.data.shards import ShardSpec
 
 
 def test_writer_commits_three_tables_with_contract_schemas(tmp_path):
@@ -125,13 +106,3 @@ def test_process_shard_missing_writes_nothing_truncated_keeps_prefix(tmp_path):
     shard.write_bytes(shard.read_bytes()[:3000])
     entry = process_shard(FakeProber(), ShardSpec(str(shard), "t"), out)
     assert entry["status"] == "done" and "corrupt" in entry["error"] and entry["images_ok"] >= 1
-
-
-def test_fault_switch_fires_once_per_marker(tmp_path, monkeypatch):
-    exits = []
-    monkeypatch.setattr("os._exit", exits.append)
-    switch = FaultSwitch.from_env({"VRC_FAULT_EXIT_AFTER": "2", "VRC_FAULT_MARKER": str(tmp_path / "m")})
-    for n in (1, 2, 2, 3):
-        switch.maybe_fire(n)
-    assert exits == [1] and (tmp_path / "m").exists()
-    assert FaultSwitch.from_env({}) == FaultSwitch()

@@ -2,11 +2,12 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 from PIL import Image
 
-import tiny_models
-from vrc_dist.model import ModelError, load_llava, resolve_checkpoint
+from vrc_dist.model.adapter import ModelError
+from vrc_dist.model.loading import load_llava, resolve_checkpoint
 
 LOGIT_TOL = dict(rtol=1e-5, atol=2e-5)  # float32, different summation orders, logits of size ~1
 
@@ -136,3 +137,14 @@ def test_toy_resolves_to_the_committed_checkpoint():
     if not (TOY_MODEL_DIR / "config.json").is_file():
         pytest.skip("toy checkpoint not built yet")
     assert resolve_checkpoint("toy") == TOY_MODEL_DIR
+
+
+# OneVision's full processor (AutoProcessor) needs torchvision for its video processor, which is not installed here.
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+def test_load_checkpoint_builds_the_class_of_the_model_type(kind, tmp_path):
+    """`vrc eval` and `vrc toy eval` load through load_checkpoint: the class of the config's model_type."""
+    from vrc_dist.model.loading import MODEL_CLASSES, load_checkpoint
+
+    model, processor = load_checkpoint(tiny_models.save(kind, tmp_path / kind))
+    assert type(model) is MODEL_CLASSES[kind] and model.dtype == torch.float32 and not model.training
+    assert processor.tokenizer is not None

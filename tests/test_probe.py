@@ -2,11 +2,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_models
 from PIL import Image
 
-import tiny_models
 from vrc_dist.config import ProbeConfig
-from vrc_dist.probe import TOKEN_COLUMNS, Prober, batches, windows
+from vrc_dist.probe.prober import TOKEN_COLUMNS, Prober, batches, windows
 
 # Divergences are differences of nearly equal probabilities, so float32 rounding of the logits
 # (~1e-6, different in batched and one-at-a-time forwards) moves a divergence D by ~sqrt(D) * 1e-6:

@@ -7,11 +7,12 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-
 from tiny_models import build
-from vrc_dist.baselines import make_method
-from vrc_dist.codebook import Codebook
-from vrc_dist.prune import keep_count, prune_visual_tokens
+
+from vrc_dist.codebook.store import Codebook
+from vrc_dist.prune.baselines import make_method
+from vrc_dist.prune.hooks import prune_visual_tokens
+from vrc_dist.prune.methods import keep_count
 
 QUESTIONS = ["what is it?", "what colour is the big object in this picture?"]
 

@@ -5,13 +5,14 @@ import re
 
 import numpy as np
 import pyarrow as pa
-
 import tiny_models
+
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.writer import ShardWriter
 from vrc_dist.cli import main
-from vrc_dist.codebook import Codebook
-from vrc_dist.metrics_store import Manifest, ShardWriter
-from vrc_dist.probe import ImageResult
-from vrc_dist.report import decile_table
+from vrc_dist.codebook.store import Codebook
+from vrc_dist.eval.report import decile_table
+from vrc_dist.probe.prober import ImageResult
 from vrc_dist.toy.write_shards import make_shards
 
 GRID = (5, 5)  # the tiny model's grid, so its tokens can mark pruned cells
@@ -80,7 +81,7 @@ def test_report_on_a_missing_run_is_a_clear_error(tmp_path, capsys):
 
 
 def test_report_finds_pixels_through_any_shards_form_and_names_missing_images(tmp_path, monkeypatch, capsys):
-    from vrc_dist import report
+    from vrc_dist.eval import report
 
     run, keys = make_run(tmp_path, tiny_models.save("llava", tmp_path / "model"))
     drawn = {}

@@ -16,14 +16,17 @@ import pytest
 import torch
 from PIL import Image
 
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TABLES, table_path
 from vrc_dist.config import ProbeConfig
-from vrc_dist.images import load_image
-from vrc_dist.metrics_store import TABLES, Manifest, read_table, table_path
-from vrc_dist.shards import iter_samples
+from vrc_dist.data.images import load_image
+from vrc_dist.data.shards import iter_samples
 from vrc_dist.toy.write_shards import make_shards
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
+INJECT = str(REPO / "tests" / "reliability" / "inject")  # VRC_FAULT_*: test-only fault injection
 THRESHOLDS = ["--set", "probe.jsd_thres=10", "--set", "probe.top1_thres=1.1"]
 SORT = {"tokens": ["shard", "key", "token_index"], "images": ["shard", "key"], "candidates": ["shard", "key", "token_index"]}
 
@@ -82,7 +85,7 @@ def test_every_image_once_and_metrics_equal_single_process(world, clean_run):
     assert set(images.column("status").to_pylist()) == {"ok"}
     assert read_table(out, "candidates").num_rows > 0
 
-    from vrc_dist.probe import Prober
+    from vrc_dist.probe.prober import Prober
 
     torch.set_num_threads(1)  # as in a 1-CPU actor: same reduction order, so equal to the bit
     prober = Prober(ProbeConfig(model=world["model"], jsd_thres=10, top1_thres=1.1))
@@ -106,7 +109,7 @@ def test_every_image_once_and_metrics_equal_single_process(world, clean_run):
 
 def test_actor_killed_mid_shard_loses_and_duplicates_nothing(head, world, clean_run, tmp_path):
     out = tmp_path / "fault"
-    env = {"VRC_FAULT_EXIT_AFTER": "2", "VRC_FAULT_MARKER": str(tmp_path / "fired")}
+    env = {"PYTHONPATH": INJECT, "VRC_FAULT_EXIT_AFTER": "2", "VRC_FAULT_MARKER": str(tmp_path / "fired")}
     r = build(head, world, out, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert (tmp_path / "fired").exists(), "the fault switch never fired"
@@ -119,7 +122,7 @@ def test_actor_killed_mid_shard_loses_and_duplicates_nothing(head, world, clean_
 def test_stopped_job_resumes_only_unfinished_shards(head, world, clean_run, tmp_path):
     out = tmp_path / "resume"
     # Slow images down so "mid-run" is a wide window, not a race.
-    r = build(head, world, out, env={"VRC_FAULT_SLEEP_S": "1.5"}, wait=False, submission_id="vrc-resume-1")
+    r = build(head, world, out, env={"PYTHONPATH": INJECT, "VRC_FAULT_SLEEP_S": "1.5"}, wait=False, submission_id="vrc-resume-1")
     assert r.returncode == 0, r.stdout + r.stderr
     deadline = time.time() + 300
     while time.time() < deadline:

@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from vrc_dist.shards import ShardOpenError, ShardReadError, expand_shards, iter_samples, shard_name
+from vrc_dist.data.shards import ShardOpenError, ShardReadError, expand_shards, iter_samples, shard_name
 
 
 def png(color=(200, 10, 10), size=(16, 16)) -> bytes:
@@ -45,7 +45,7 @@ def test_expand_braces_globs_and_literals(tmp_path):
 
 
 def test_every_form_names_the_same_shards(tmp_path):
-    """The forms every command's --shards accepts (one function, vrc_dist.shards.expand_shards)."""
+    """The forms every command's --shards accepts (one function, vrc_dist.data.expand_shards)."""
     d = tmp_path / "dir"
     d.mkdir()
     for i in range(3):

@@ -2,8 +2,10 @@
 import pytest
 import torch
 
+from vrc_dist.eval.answers import first_token_answers
+from vrc_dist.model.loading import load_checkpoint
 from vrc_dist.toy import TOY_MODEL_DIR
-from vrc_dist.toy.evaluate import first_token_answers, load_checkpoint, toy_accuracy
+from vrc_dist.toy.evaluate import toy_accuracy
 from vrc_dist.toy.world import render
 
 EVAL_SEED = 100  # never used to make training data

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,

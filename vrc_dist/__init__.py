@@ -1,3 +1,5 @@
-"""vrc-dist: visual redundancy codebooks for LLaVA-family models, built on Ray, used to prune tokens."""
+"""vrc-dist: visual redundancy codebooks for LLaVA-family models, built on Ray, used to prune tokens.
 
-__version__ = "0.1.0"
+The package reads as the pipeline (docs/ARCHITECTURE.md): data -> model -> probe -> build -> codebook -> prune
+-> eval, with cli/ on top.
+"""

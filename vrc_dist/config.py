@@ -19,6 +19,10 @@ TOY_CONFIG = Path(__file__).parent / "configs" / "toy.yaml"  # the toy model's c
 DEFAULT_PROMPT = (
     "What does this image show? You must provide a single word that best describes the image."
 )
+# Defaults used by more than one signature, written once here.
+DEFAULT_TOKEN_BUDGET = 65536  # max tokens (batch x sequence) in one batched forward of the probe
+FASTV_LAYER = 2  # FastV's K: visual tokens are ranked by the attention of layer K - 1 and pruned after it
+MAX_MEMBER_BYTES = 64 * 2**20  # a bigger shard member ("image") is a decompression bomb or a mistake, not a photo
 
 
 class ConfigError(ValueError):
@@ -58,7 +62,7 @@ class ProbeConfig:
     image_dpc_clusters: int = field(default=8, metadata=at_least(1))
     cluster_size_thres: int = field(default=8, metadata=at_least(0))
     # max tokens (batch x sequence) in one batched forward
-    token_budget: int = field(default=65536, metadata=at_least(1))
+    token_budget: int = field(default=DEFAULT_TOKEN_BUDGET, metadata=at_least(1))
     seed: int = 0
 
 
@@ -90,7 +94,7 @@ class BuildConfig:
     cpus_per_actor: float = field(default=1.0, metadata=at_least(0))
     max_retries: int = field(default=3, metadata=at_least(0))
     # a bigger shard member is refused (recorded), not read into memory
-    max_image_bytes: int = field(default=64 * 2**20, metadata=at_least(1))
+    max_image_bytes: int = field(default=MAX_MEMBER_BYTES, metadata=at_least(1))
     overwrite: bool = False
     codebook: str | None = None  # codebook directory to commit into; None: metrics only
     codebook_name: str | None = None
@@ -164,6 +168,12 @@ def check_ranges(cfg, where: str = "config", recurse: bool = True):
             if not ok(value):
                 raise ConfigError(f"{where}.{f.name}: {value!r} {rule}")
     return cfg
+
+
+def add_config_arguments(p, config_help: str, set_help: str = "override, e.g. probe.k_global=8") -> None:
+    """The one `--config FILE` / `--set KEY=VALUE` option block of every command that loads a config."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
 def to_dict(cfg) -> dict:

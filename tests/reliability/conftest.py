@@ -1,11 +1,6 @@
-"""Fixtures of the reliability suite; helpers are in rel_helpers.py (importable: pytest puts this folder on sys.path)."""
-import sys
-from pathlib import Path
-
+"""Fixtures of the reliability suite; helpers are in rel_helpers.py (on the path: pyproject's pytest `pythonpath`)."""
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rel_helpers import tree  # noqa: E402
+from rel_helpers import tree
 
 
 @pytest.fixture

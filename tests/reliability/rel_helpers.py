@@ -1,28 +1,22 @@
-"""Helpers of the reliability suite: hostile shard and image builders, a fake prober, a Ray-free driver.
+"""Helpers of the reliability suite: hostile shard and image builders, a Ray-free driver (fakes: tests/fakes.py).
 
-The Ray-free driver (`run_local`) does what runner.run_shards does per shard, in one process: process_shard,
-then record the entry in the manifest. It lets the fast tests drive the real reader, image loader and
+The Ray-free driver (`run_local`) runs the shards through the library's LocalExecutor, in one process. It lets
+the fast tests drive the real reader, image loader and
 writer over bad input without a cluster.
 """
 from __future__ import annotations
 
 import io
 import os
-import sys
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
-import pyarrow as pa
 from PIL import Image
 
 TESTS = Path(__file__).resolve().parents[1]
 REPO = TESTS.parent
-if str(TESTS) not in sys.path:  # ray_head, tiny_models live one level up
-    sys.path.insert(0, str(TESTS))
+INJECT = Path(__file__).resolve().parent / "inject"  # test-only fault injection, see its sitecustomize.py
 
-DIM, L = 6, 4
 
 
 # ---- images ---------------------------------------------------------------------------------------------
@@ -55,48 +49,20 @@ def raw_tar(path: Path, members, mode: str = "w") -> Path:
     return path
 
 
-# ---- a prober that honours the ImageResult contract without a model ---------------------------------------
-
-
-def fake_result(key: str, dim: int = DIM, n_cand: int = 2, seed: int = 0, vectors=None):
-    from vrc_dist.metrics_store import TOKEN_FIELDS
-
-    rng = np.random.default_rng(seed)
-    tokens = {name: rng.random(L) if pa.types.is_floating(t) else rng.integers(0, 9, L) for name, t in TOKEN_FIELDS}
-    tokens["token_index"] = np.arange(L)
-    flags = np.zeros(L, bool)
-    flags[:n_cand] = True
-    tokens["low_info"] = tokens["candidate"] = flags
-    vec = rng.random((n_cand, dim)).astype(np.float16) if vectors is None else vectors
-    return SimpleNamespace(key=key, grid=(2, 2), answer="circle", answer_token_id=7, tokens=tokens,
-                           candidate_index=np.arange(n_cand, dtype=np.int32), candidate_vectors=vec)
-
-
-class FakeProber:
-    def __init__(self, dim: int = DIM):
-        self.model_info = {"model_id": "fake", "revision": None, "embed_dim": dim}
-        self.dim = dim
-        self.seen: list[tuple[str, tuple, str]] = []  # key, size, mode of what the prober got
-
-    def probe(self, image, key):
-        self.seen.append((key, image.size, image.mode))
-        return fake_result(key, self.dim, seed=sum(map(ord, key)))
-
-
 def run_local(shard_paths, out, prober=None, config=None) -> dict:
-    """Every shard through process_shard into `out`, recorded in its manifest like the Ray driver does."""
-    from vrc_dist.metrics_store import Manifest
-    from vrc_dist.shards import expand_shards
-    from vrc_dist.worker import process_shard
+    """Every shard through the library's LocalExecutor (no Ray) into `out`, recorded in its manifest."""
+    from fakes import FakeProber
+
+    from vrc_dist.build.executor import LocalExecutor
+    from vrc_dist.build.manifest import Manifest
+    from vrc_dist.config import BuildConfig
+    from vrc_dist.data.shards import expand_shards
 
     prober = prober or FakeProber()
     manifest = Manifest.load(out) or Manifest.create(out, config or {"probe": {"divergence": "reference"}})
     manifest.data["model_info"] = prober.model_info
     manifest.save()
-    for spec in expand_shards([str(p) for p in shard_paths]):
-        entry = process_shard(prober, spec, out)
-        entry["attempts"] = 1
-        manifest.record_shard(spec.name, entry)
+    LocalExecutor(BuildConfig(), prober).run(expand_shards([str(p) for p in shard_paths]), Path(out), manifest)
     return Manifest.load(out).shards
 
 
@@ -111,9 +77,12 @@ def doctor_errors(path) -> list[str]:
     return [str(f) for f in check(path)[1] if f.level == ERROR]
 
 
-def child_env() -> dict:
+def child_env(inject: bool = False) -> dict:
+    """This environment with the repository and tests/ importable; with `inject`, the fault injection of
+    inject/sitecustomize.py too (it acts only where a VRC_FAULT_* or VRC_INJECT_* variable is set)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    paths = [str(REPO), str(TESTS), *([str(INJECT)] if inject else []), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(paths).rstrip(os.pathsep)
     return env
 
 

@@ -92,7 +92,8 @@ def soak(images: int, per_shard: int, model: str, work: Path, interval: float = 
         head.stop()
     rows = {}
     if status == "SUCCEEDED":
-        from vrc_dist.metrics_store import TABLES, read_table
+        from vrc_dist.build.read import read_table
+        from vrc_dist.build.schema import TABLES
 
         for t in TABLES:
             ids = read_table(out, t, columns=["shard", "key"] + (["token_index"] if t != "images" else []))

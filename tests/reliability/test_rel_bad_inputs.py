@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fakes import DIM, FakeProber
 from PIL import Image
-from rel_helpers import DIM, FakeProber, doctor_errors, encode, png, raw_tar, run_local
+from rel_helpers import doctor_errors, encode, png, raw_tar, run_local
 
-from vrc_dist.metrics_store import read_table
+from vrc_dist.build.read import read_table
 
 
 def _img(mode, size=(24, 16), color=None):
@@ -187,8 +188,8 @@ def test_non_regular_member_is_refused(kind, member, sandbox):
 
 
 def test_oversized_member_is_refused_unread(sandbox):
-    from vrc_dist.worker import process_shard
-    from vrc_dist.shards import ShardSpec
+    from vrc_dist.build.work import process_shard
+    from vrc_dist.data.shards import ShardSpec
 
     shard = raw_tar(sandbox / "in" / "s.tar", [("big.png", b"\0" * 5000), ("ok.png", png())])
     entry = process_shard(FakeProber(), ShardSpec(str(shard), "s"), sandbox / "out", max_member_bytes=4096)
@@ -207,7 +208,7 @@ def test_duplicate_key_within_a_shard(sandbox):
 
 
 def test_duplicate_keys_across_shards_are_kept_flagged_and_refused_by_clustering(sandbox):
-    from vrc_dist.clustering import ClusteringError, read_candidates
+    from vrc_dist.codebook.clustering import ClusteringError, read_candidates
 
     s1 = raw_tar(sandbox / "in" / "s1.tar", [("same.png", png()), ("u1.png", png())])
     s2 = raw_tar(sandbox / "in" / "s2.tar", [("same.png", png()), ("u2.png", png())])
@@ -222,12 +223,13 @@ def test_duplicate_keys_across_shards_are_kept_flagged_and_refused_by_clustering
 
 
 def test_cross_shard_duplicates_resolved_by_the_build_are_counted_from_the_files(sandbox):
-    """The build's duplicate pass (build.drop_duplicate_keys; through Ray in test_runner.py) leaves a dataset
+    """The build's duplicate pass (build.pipeline.drop_duplicate_keys; through Ray in test_runner.py) leaves a dataset
     the doctor and clustering accept, changes nothing when run again, and repairs the counts of a manifest
     that missed a rewrite (a driver killed between the two)."""
-    from vrc_dist.build import drop_duplicate_keys
-    from vrc_dist.clustering import read_candidates
-    from vrc_dist.metrics_store import Manifest, mark_duplicates
+    from vrc_dist.build.manifest import Manifest
+    from vrc_dist.build.pipeline import drop_duplicate_keys
+    from vrc_dist.build.writer import mark_duplicates
+    from vrc_dist.codebook.clustering import read_candidates
 
     s1 = raw_tar(sandbox / "in" / "s1.tar", [("same.png", png()), ("u1.png", png())])
     s2 = raw_tar(sandbox / "in" / "s2.tar", [("same.png", png()), ("u2.png", png())])
@@ -308,10 +310,10 @@ def test_cli_reports_a_bad_config_in_one_line(tmp_path, capsys):
 ], ids=["k_head 0", "window 0", "window even", "n_clusters 0", "cluster.k 0", "min_images -1", "actors 0",
         "--actors -3", "negative jsd_thres", "negative top1_thres"])
 def test_out_of_range_settings_are_refused_in_one_line_before_ray(args, match, tmp_path, capsys, monkeypatch):
-    from vrc_dist import build_cli
+    from vrc_dist.build import local_ray
     from vrc_dist.cli import main
 
-    monkeypatch.setattr(build_cli, "_on_local_ray", lambda run: pytest.fail("Ray was started"))
+    monkeypatch.setattr(local_ray, "run_on_ray", lambda run: pytest.fail("Ray was started"))
     assert main(["build", "--shards", str(tmp_path / "s.tar"), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
@@ -319,7 +321,7 @@ def test_out_of_range_settings_are_refused_in_one_line_before_ray(args, match, t
 
 @pytest.mark.parametrize("case", ["--out under a regular file", "--out equal to --codebook"])
 def test_unusable_output_directory_is_refused_in_one_line_before_ray(case, tmp_path, capsys, monkeypatch):
-    from vrc_dist import build_cli
+    from vrc_dist.build import local_ray
     from vrc_dist.cli import main
 
     (tmp_path / "file").write_text("")
@@ -327,7 +329,7 @@ def test_unusable_output_directory_is_refused_in_one_line_before_ray(case, tmp_p
         "--out under a regular file": (tmp_path / "file" / "out", [], "is a file, not a directory"),
         "--out equal to --codebook": (tmp_path / "same", ["--codebook", str(tmp_path / "same")], "both"),
     }[case]
-    monkeypatch.setattr(build_cli, "_on_local_ray", lambda run: pytest.fail("Ray was started"))
+    monkeypatch.setattr(local_ray, "run_on_ray", lambda run: pytest.fail("Ray was started"))
     assert main(["build", "--shards", str(tmp_path / "s.tar"), "--out", str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0] and str(out) in err[0], err
@@ -355,7 +357,8 @@ class Boom:
 
 
 def test_pt_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
-    from vrc_dist.codebook import CodebookError, import_reference
+    from vrc_dist.codebook.format import CodebookError
+    from vrc_dist.codebook.interchange import import_reference
 
     marker = "/tmp/vrc-reliability-pwned"
     if os.path.exists(marker):
@@ -379,7 +382,8 @@ def test_pt_holding_a_pickled_object_is_refused_unexecuted(tmp_path):
     (torch.tensor([[1.0, float("inf")], [1.0, 2.0]]), "NaN or inf"),
 ], ids=["1-D", "integer", "NaN", "inf"])
 def test_pt_with_wrong_shape_or_values_is_refused_by_name(tmp_path, tensor, match):
-    from vrc_dist.codebook import CodebookError, load_reference
+    from vrc_dist.codebook.format import CodebookError
+    from vrc_dist.codebook.interchange import load_reference
 
     torch.save(tensor, tmp_path / "c.pt")
     with pytest.raises(CodebookError, match=match) as e:
@@ -388,7 +392,8 @@ def test_pt_with_wrong_shape_or_values_is_refused_by_name(tmp_path, tensor, matc
 
 
 def test_reference_sidecar_not_json_or_wrong_length(tmp_path):
-    from vrc_dist.codebook import CodebookError, load_reference
+    from vrc_dist.codebook.format import CodebookError
+    from vrc_dist.codebook.interchange import load_reference
 
     torch.save(torch.ones(3, 4), tmp_path / "c.pt")
     (tmp_path / "c.json").write_text("[oops")
@@ -400,7 +405,8 @@ def test_reference_sidecar_not_json_or_wrong_length(tmp_path):
 
 
 def _book(tmp_path, dim=4, n=6):
-    from vrc_dist.codebook import Codebook, PROVENANCE_SCHEMA
+    from vrc_dist.codebook.format import PROVENANCE_SCHEMA
+    from vrc_dist.codebook.store import Codebook
 
     cb = Codebook.create(tmp_path / "cb", "t", "m", dim)
     prov = pa.table({"key": [f"k{i}" for i in range(n)], "shard": ["s"] * n, "token_index": list(range(n)),
@@ -411,7 +417,8 @@ def _book(tmp_path, dim=4, n=6):
 
 
 def test_nan_inf_and_wrong_dims_in_codebook_commits_and_queries(tmp_path):
-    from vrc_dist.codebook import Codebook, CodebookError
+    from vrc_dist.codebook.format import CodebookError
+    from vrc_dist.codebook.store import Codebook
 
     cb, vectors, prov = _book(tmp_path)
     for bad in (np.nan, np.inf, -np.inf):
@@ -438,7 +445,8 @@ def test_nan_inf_and_wrong_dims_in_codebook_commits_and_queries(tmp_path):
 def test_codebook_vectors_swapped_for_a_pickle_are_refused(tmp_path):
     """A crafted version (checksums recomputed to match) whose vectors.npy is an object array: refused
     by np.load(allow_pickle=False), reported as a codebook error naming the file."""
-    from vrc_dist.codebook import CHECKSUMS, VERSION_FILES, Codebook, CodebookError, sha256_file
+    from vrc_dist.codebook.format import CHECKSUMS, VERSION_FILES, CodebookError, sha256_file
+    from vrc_dist.codebook.store import Codebook
 
     _book(tmp_path)
     vdir = tmp_path / "cb" / "v0001"
@@ -453,7 +461,7 @@ def test_codebook_vectors_swapped_for_a_pickle_are_refused(tmp_path):
 
 
 def _candidates_dataset(root, shard, keys, vectors):
-    from vrc_dist.metrics_store import candidates_schema
+    from vrc_dist.build.schema import candidates_schema
 
     dim = vectors.shape[1]
     (root / "candidates").mkdir(parents=True, exist_ok=True)
@@ -465,7 +473,7 @@ def _candidates_dataset(root, shard, keys, vectors):
 
 
 def test_nan_candidates_and_mixed_dims_are_refused_by_name(tmp_path):
-    from vrc_dist.clustering import ClusteringError, read_candidates
+    from vrc_dist.codebook.clustering import ClusteringError, read_candidates
 
     v = np.ones((3, DIM), np.float32)
     v[1, 2] = np.inf
@@ -481,8 +489,9 @@ def test_nan_candidates_and_mixed_dims_are_refused_by_name(tmp_path):
 def test_nan_vectors_from_the_prober_are_caught_by_the_doctor(sandbox):
     """A model that overflows (fp16) hands NaN candidates to the writer; the dataset is written (nothing is
     lost), `vrc doctor` names the rows, and the clustering stage refuses them by file and key."""
-    from vrc_dist.clustering import ClusteringError, read_candidates
-    from rel_helpers import fake_result
+    from fakes import fake_result
+
+    from vrc_dist.codebook.clustering import ClusteringError, read_candidates
 
     class NaNProber(FakeProber):
         def probe(self, image, key):
@@ -503,7 +512,7 @@ def test_every_bad_sample_through_a_real_tiny_llava(sandbox):
     from tiny_models import save
 
     from vrc_dist.config import ProbeConfig
-    from vrc_dist.probe import Prober
+    from vrc_dist.probe.prober import Prober
 
     torch.set_num_threads(1)
     prober = Prober(ProbeConfig(model=str(save("llava", sandbox / "out" / "model")), jsd_thres=10, top1_thres=1.1))

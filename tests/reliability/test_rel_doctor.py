@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rel_helpers import FakeProber, fake_result, png, raw_tar, run_local
+from fakes import FakeProber, fake_result
+from rel_helpers import png, raw_tar, run_local
 
+from vrc_dist.build.schema import table_path
 from vrc_dist.cli import main
-from vrc_dist.metrics_store import table_path
 
 
 @pytest.fixture
@@ -113,7 +114,8 @@ def test_not_an_output(tmp_path, capsys):
 @pytest.fixture
 def book(tmp_path):
     """Two versions; v0002 lists one candidates file in the pool."""
-    from vrc_dist.codebook import PROVENANCE_SCHEMA, Codebook, sha256_file
+    from vrc_dist.codebook.format import PROVENANCE_SCHEMA, sha256_file
+    from vrc_dist.codebook.store import Codebook
 
     cb = Codebook.create(tmp_path / "cb", "t", "m", 4)
     src = tmp_path / "candidates.parquet"
@@ -135,7 +137,8 @@ def _pool_file(book):
 
 
 def _orphan(book):
-    from vrc_dist.codebook import Codebook, sha256_file
+    from vrc_dist.codebook.format import sha256_file
+    from vrc_dist.codebook.store import Codebook
 
     src = book.parent / "added-then-crashed.parquet"
     pq.write_table(pa.table({"key": ["z"]}), src)
@@ -153,7 +156,7 @@ def _writable(p):
 
 
 def _resum(vdir):
-    from vrc_dist.codebook import CHECKSUMS, VERSION_FILES, sha256_file
+    from vrc_dist.codebook.format import CHECKSUMS, VERSION_FILES, sha256_file
 
     _writable(vdir / CHECKSUMS).write_text("".join(f"{sha256_file(vdir / f)}  {f}\n" for f in VERSION_FILES))
 
@@ -204,7 +207,7 @@ def test_codebook_damage_is_found(book, capsys, kind):
 
 def test_clustering_ignores_files_the_manifest_does_not_count(run):
     """A candidates file left by an interrupted or overwritten run (not done in the manifest) is not data."""
-    from vrc_dist.clustering import read_candidates
+    from vrc_dist.codebook.clustering import read_candidates
 
     before = read_candidates([run]).ids.num_rows
     shutil.copy(table_path(run, "candidates", "s0"), run / "candidates" / "leftover.parquet")

@@ -18,9 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from rel_helpers import FakeProber, child_env, doctor_errors, png, raw_tar, run_local
+from fakes import FakeProber
+from rel_helpers import child_env, doctor_errors, png, raw_tar, run_local
 
-from vrc_dist.codebook import PROVENANCE_SCHEMA, Codebook
+from vrc_dist.codebook.format import PROVENANCE_SCHEMA
+from vrc_dist.codebook.store import Codebook
 
 # Where a commit can die. Each: (what to wrap in the child, which call of it dies). Ordered as commit runs.
 COMMIT_STEPS = {
@@ -30,10 +32,10 @@ COMMIT_STEPS = {
     "writing params.json": ("pathlib.Path.write_text", 1),
     "writing SHA256SUMS": ("pathlib.Path.write_text", 2),
     "making files read-only": ("codebook.os.chmod", 3),
-    "fsyncing files": ("codebook._fsync", 2),
+    "fsyncing files": ("codebook.fsync_path", 2),
     "publishing (rename)": ("codebook.os.rename", 1),
-    "fsyncing the directory": ("codebook._fsync", 6),
-    "writing the manifest": ("codebook._write_json_atomic", 1),
+    "fsyncing the directory": ("codebook.fsync_path", 6),
+    "writing the manifest": ("codebook.write_json_atomic", 1),
     "replacing the manifest": ("codebook.os.replace", 1),
 }
 PUBLISHED_FROM = "fsyncing the directory"  # from this step on, v0002 was renamed into place
@@ -41,8 +43,9 @@ PUBLISHED_FROM = "fsyncing the directory"  # from this step on, v0002 was rename
 CHILD = textwrap.dedent("""
     import os, sys, pathlib
     import numpy as np, pyarrow as pa
-    from vrc_dist import codebook
-    from vrc_dist.codebook import Codebook, PROVENANCE_SCHEMA
+    from vrc_dist.codebook import store as codebook
+    from vrc_dist.codebook.format import PROVENANCE_SCHEMA
+    from vrc_dist.codebook.store import Codebook
     target, nth = sys.argv[2], int(sys.argv[3])
     owner_name, attr = target.rsplit(".", 1)
     owner = {"codebook": codebook, "codebook.np": codebook.np, "codebook.pq": codebook.pq,
@@ -96,8 +99,9 @@ def test_commit_killed_at_each_step_keeps_every_version_loadable(tmp_path, step)
 POOL_CHILD = textwrap.dedent("""
     import errno, os, sys, pathlib
     import numpy as np, pyarrow as pa
-    from vrc_dist import codebook
-    from vrc_dist.codebook import Codebook, PROVENANCE_SCHEMA
+    from vrc_dist.codebook import store as codebook
+    from vrc_dist.codebook.format import PROVENANCE_SCHEMA
+    from vrc_dist.codebook.store import Codebook
     book, src, step = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
     def die(*a, **k):
         os._exit(17)
@@ -114,7 +118,7 @@ POOL_CHILD = textwrap.dedent("""
     elif step == "renaming into place":
         codebook.os.replace = die
     elif step == "fsyncing the pool directory":
-        codebook._fsync = die
+        codebook.fsync_path = die
     digest = codebook.sha256_file(src)
     cb = Codebook.at(book)
     cb.add_to_pool(src, digest)
@@ -127,7 +131,7 @@ POOL_CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("step", ["linking", "copying", "renaming into place", "fsyncing the pool directory"])
 def test_pool_write_killed_at_each_step_leaves_no_partial_pool_file(tmp_path, step):
-    from vrc_dist.codebook import sha256_file
+    from vrc_dist.codebook.format import sha256_file
 
     book, src = tmp_path / "cb", tmp_path / "candidates.parquet"
     Codebook.create(book, "t", "m", 4).commit(np.ones((3, 4), np.float32), _prov(), {"note": "v1"})
@@ -180,7 +184,8 @@ def test_disk_full_loses_no_finished_shard_and_leaves_no_debris(tmp_path, small_
         run_local([big], out, prober)
     assert e.value.errno == errno.ENOSPC or "No space left" in str(e.value), repr(e.value)
 
-    from vrc_dist.metrics_store import Manifest, read_table
+    from vrc_dist.build.manifest import Manifest
+    from vrc_dist.build.read import read_table
 
     manifest = Manifest.load(out)
     assert manifest.done() == ["small"] and "big" not in manifest.shards
@@ -202,7 +207,7 @@ def test_disk_full_loses_no_finished_shard_and_leaves_no_debris(tmp_path, small_
 
 
 def test_manifest_write_on_a_full_disk_keeps_the_old_manifest(small_disk):
-    from vrc_dist.metrics_store import Manifest
+    from vrc_dist.build.manifest import Manifest
 
     out = small_disk / "out"
     m = Manifest.create(out, {"probe": {}})
@@ -222,7 +227,7 @@ def test_manifest_write_on_a_full_disk_keeps_the_old_manifest(small_disk):
 
 
 def test_shard_writer_that_cannot_start_on_a_full_disk_leaves_nothing(small_disk):
-    from vrc_dist.metrics_store import ShardWriter
+    from vrc_dist.build.writer import ShardWriter
 
     out = small_disk / "out"
     for t in ("tokens", "images", "candidates"):
@@ -237,3 +242,20 @@ def test_shard_writer_that_cannot_start_on_a_full_disk_leaves_nothing(small_disk
         ShardWriter(out, "s", dim=4)
     left = sorted(str(p.relative_to(out)) for p in out.rglob(".*.tmp"))
     assert left == [], f"temporary files left by a writer that never started: {left}"
+
+
+def test_fault_switch_fires_once_per_marker(tmp_path, monkeypatch):
+    import importlib.util
+
+    from rel_helpers import INJECT
+
+    spec = importlib.util.spec_from_file_location("vrc_inject", INJECT / "sitecustomize.py")
+    inject = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inject)  # no VRC_FAULT_* set here: nothing is hooked
+    exits = []
+    monkeypatch.setattr("os._exit", exits.append)
+    switch = inject.FaultSwitch.from_env({"VRC_FAULT_EXIT_AFTER": "2", "VRC_FAULT_MARKER": str(tmp_path / "m")})
+    for n in (1, 2, 2, 3):
+        switch.maybe_fire(n)
+    assert exits == [1] and (tmp_path / "m").exists()
+    assert inject.FaultSwitch.from_env({}) == inject.FaultSwitch()

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from rel_helpers import REPO, doctor_errors, wait_job
 
-from vrc_dist.metrics_store import TABLES, Manifest, read_table
+from vrc_dist.build.manifest import Manifest
+from vrc_dist.build.read import read_table
+from vrc_dist.build.schema import TABLES
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1500)]
 INJECT = str(Path(__file__).resolve().parent / "inject")
@@ -107,7 +109,7 @@ def clean(head, world):
 
 def test_actor_sigkilled_mid_shard(head, world, clean, tmp_path):
     out = tmp_path / "out"
-    r = submit(head, world, out, env={"VRC_FAULT_SLEEP_S": "0.7"}, wait=False, sid="rel-kill-one")
+    r = submit(head, world, out, env={"PYTHONPATH": INJECT, "VRC_FAULT_SLEEP_S": "0.7"}, wait=False, sid="rel-kill-one")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: temps(out), "a shard being written")
     victim = wait_for(lambda: procs(head, "ray::ProbeActor.run_shard"), "a busy actor")[0]
@@ -132,7 +134,7 @@ def test_actor_dies_while_writing_parquet(head, world, clean, tmp_path, how):
 
 def test_driver_sigkilled_mid_run_then_resubmitted(head, world, clean, tmp_path):
     out = tmp_path / "out"
-    r = submit(head, world, out, env={"VRC_FAULT_SLEEP_S": "0.7"}, wait=False, sid="rel-driver")
+    r = submit(head, world, out, env={"PYTHONPATH": INJECT, "VRC_FAULT_SLEEP_S": "0.7"}, wait=False, sid="rel-driver")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: (out / "manifest.json").exists() and Manifest.load(out).done(), "a finished shard")
     driver = wait_for(lambda: procs(head, "jobs/build_codebook.py"), "the driver")
@@ -151,7 +153,7 @@ def test_driver_sigkilled_mid_run_then_resubmitted(head, world, clean, tmp_path)
 
 def test_all_actors_killed_at_once(head, world, clean, tmp_path):
     out = tmp_path / "out"
-    r = submit(head, world, out, env={"VRC_FAULT_SLEEP_S": "0.7"}, wait=False, sid="rel-kill-all")
+    r = submit(head, world, out, env={"PYTHONPATH": INJECT, "VRC_FAULT_SLEEP_S": "0.7"}, wait=False, sid="rel-kill-all")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: len(procs(head, "ray::ProbeActor.run_shard")) == 2, "both actors busy")
     for pid in procs(head, "ray::ProbeActor"):

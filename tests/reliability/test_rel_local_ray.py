@@ -26,7 +26,7 @@ def local_build(tmp_path_factory):
     make_shards(root / "shards", shards=2, per_shard=2, seed=7, split="train")
     home = root / "home"
     home.mkdir()
-    env = {**child_env(), "HOME": str(home), "VRC_FAULT_SLEEP_S": "1"}  # slow images: a wide window to look
+    env = {**child_env(inject=True), "HOME": str(home), "VRC_FAULT_SLEEP_S": "1"}  # slow images: a wide window to look
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "vrc_dist.cli", "build", "--model", "toy", "--shards", str(root / "shards" / "*.tar"),
@@ -92,7 +92,7 @@ def test_ctrl_c_ends_a_build_with_one_line(tmp_path):
     from vrc_dist.toy.write_shards import make_shards
 
     make_shards(tmp_path / "shards", shards=1, per_shard=20, seed=7, split="train")
-    env = {**child_env(), "HOME": str(tmp_path), "VRC_FAULT_SLEEP_S": "2"}
+    env = {**child_env(inject=True), "HOME": str(tmp_path), "VRC_FAULT_SLEEP_S": "2"}
     cmd = [sys.executable, "-m", "vrc_dist.cli", "build", "--model", "toy", "--shards",
            str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "out"), "--actors", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

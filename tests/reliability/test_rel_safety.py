@@ -90,7 +90,7 @@ def test_the_scan_catches_what_it_forbids(tmp_path, monkeypatch):
 def test_the_safe_loaders_are_the_ones_in_use():
     """Sanity: the scan saw the codebook's torch.load and np.load, and judged them safe."""
     seen = {(str(p), n) for p, _, n, _ in loader_calls()}
-    assert ("vrc_dist/codebook.py", "torch.load") in seen and ("vrc_dist/codebook.py", "np.load") in seen
+    assert ("vrc_dist/codebook/interchange.py", "torch.load") in seen and ("vrc_dist/codebook/format.py", "np.load") in seen
 
 
 def test_traversal_member_names_never_become_paths(sandbox):
@@ -99,7 +99,7 @@ def test_traversal_member_names_never_become_paths(sandbox):
     shard = raw_tar(sandbox / "in" / "s.tar", [("ok.png", png())] + [(n, png()) for n in names])
     before_in = tree(sandbox / "in")
     run_local([shard], sandbox / "out")
-    from vrc_dist.metrics_store import read_table
+    from vrc_dist.build.read import read_table
 
     rows = read_table(sandbox / "out", "images").to_pylist()
     assert [r["key"] for r in rows if r["status"] == "ok"] == ["ok"]
@@ -115,8 +115,8 @@ def test_traversal_member_names_never_become_paths(sandbox):
 @pytest.mark.parametrize("url", ["/data/../../etc/passwd.tar", "/d/.hidden.tar", "/d/..tar", "s3://b/k/../../x.tar",
                                  "/d/a b;rm -rf ~.tar", "/d/\u00e9\u0000.tar", "pipe:cat /d/x.tar", "/d/.tar"])
 def test_shard_names_from_hostile_urls_stay_inside_the_output(tmp_path, url):
-    from vrc_dist.metrics_store import TABLES, table_path
-    from vrc_dist.shards import shard_name
+    from vrc_dist.build.schema import TABLES, table_path
+    from vrc_dist.data.shards import shard_name
 
     name = shard_name(url)
     assert name and "/" not in name and not name.startswith(".") and name not in ("..", ".")

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(7200)]
 def test_soak_memory_flat_throughput_holds_every_image_once(tmp_path):
     from soak import soak
 
-    from vrc_dist.metrics_store import read_table
+    from vrc_dist.build.read import read_table
     from vrc_dist.toy import TOY_MODEL_DIR
 
     images = int(os.environ.get("VRC_SOAK_IMAGES", "1000"))

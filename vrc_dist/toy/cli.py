@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vrc_dist.shards import SHARDS_HELP
+from vrc_dist.data.shards import SHARDS_HELP
 from vrc_dist.toy import TOY_MODEL_DIR
 
 
@@ -39,9 +39,9 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from vrc_dist.model import resolve_checkpoint
+    from vrc_dist.model.loading import load_checkpoint, resolve_checkpoint
     from vrc_dist.toy.data import load_toy_samples
-    from vrc_dist.toy.evaluate import format_accuracy, load_checkpoint, toy_accuracy
+    from vrc_dist.toy.evaluate import format_accuracy, toy_accuracy
 
     samples = load_toy_samples(args.shards)
     model, processor = load_checkpoint(args.model)

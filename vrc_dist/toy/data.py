@@ -7,8 +7,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from vrc_dist.images import load_image
-from vrc_dist.shards import expand_shards, iter_samples
+from vrc_dist.data.images import load_image
+from vrc_dist.data.shards import expand_shards, iter_samples
 
 
 def load_toy_samples(shards) -> list[dict]:
