@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vrc_dist.config import add_config_arguments
 from vrc_dist.data.shards import SHARDS_HELP
 from vrc_dist.toy import TOY_MODEL_DIR
 
@@ -90,8 +91,7 @@ def register(sub) -> None:
     p.add_argument("--shards", action="append",
                    help=f"{SHARDS_HELP}; toy samples (default: the config's, else out/toy/train)")
     p.add_argument("--out", default=str(TOY_MODEL_DIR))
-    p.add_argument("--config", help="YAML/TOML TrainConfig")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(p, "YAML/TOML TrainConfig", "override, e.g. steps=3000")
     p.set_defaults(func=_train)
 
     p = toy.add_parser("eval", help="held-out accuracy per question type")

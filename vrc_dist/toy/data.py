@@ -9,6 +9,7 @@ import torch
 
 from vrc_dist.data.images import load_image
 from vrc_dist.data.shards import expand_shards, iter_samples
+from vrc_dist.model import chat_prompt
 
 
 def load_toy_samples(shards) -> list[dict]:
@@ -45,9 +46,7 @@ def target_object(qa: dict) -> int:
 @lru_cache(maxsize=1024)  # a few dozen distinct questions across tens of thousands of samples
 def prompt_ids(processor, question: str) -> tuple[list[int], list[int]]:
     """Token ids before and after the single image placeholder, from the model's own chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    ids = processor.tokenizer(text)["input_ids"]
+    ids = processor.tokenizer(chat_prompt(processor, question))["input_ids"]
     pos = ids.index(processor.image_token_id)
     return ids[:pos], ids[pos + 1:]
 

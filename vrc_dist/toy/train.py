@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     if cfg.init:
-        from vrc_dist.toy.evaluate import load_checkpoint
+        from vrc_dist.model import load_checkpoint
 
         model, processor = load_checkpoint(cfg.init)
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from vrc_dist.atomic import place_atomic
 from vrc_dist.toy.world import SPLITS, WorldSpec, render
 
 
@@ -31,9 +32,7 @@ def _check_args(out: Path, shards: int, per_shard: int, split: str) -> None:
 
 
 def write_shard(path: Path, split: str, seed: int, shard: int, per_shard: int, spec: WorldSpec) -> None:
-    # Written under a temporary name and renamed when complete: a reader never sees half a tar.
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    def fill(tmp: Path) -> None:
         # A fixed mtime makes shards byte-for-byte reproducible from their seed.
         with wds.TarWriter(str(tmp), mtime=0) as sink:
             for i in range(per_shard):
@@ -41,9 +40,8 @@ def write_shard(path: Path, split: str, seed: int, shard: int, per_shard: int, s
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 sink.write({"__key__": meta["key"], "png": buf.getvalue(), "json": json.dumps(meta).encode()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    place_atomic(path, fill)  # a reader never sees half a tar
 
 
 def make_shards(out, shards: int, per_shard: int, seed: int = 0, split: str = "train",
