@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from vrc_dist import metrics_store, runner
 from vrc_dist.clustering import PROBE_SPEED_ONLY
-from vrc_dist.config import BuildConfig, to_dict
+from vrc_dist.config import BuildConfig, recorded_probe, to_dict
 from vrc_dist.metrics_store import TABLES, Manifest, table_path
 from vrc_dist.shards import ShardSpec, expand_shards
 
@@ -54,7 +54,7 @@ def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
         manifest = Manifest.create(out, config)
         manifest.save()
         return manifest
-    same = lambda probe: {k: v for k, v in probe.items() if k not in PROBE_SPEED_ONLY}  # noqa: E731
+    same = lambda probe: {k: v for k, v in recorded_probe(probe).items() if k not in PROBE_SPEED_ONLY}  # noqa: E731
     if same(old.data["config"]["probe"]) != same(config["probe"]):
         raise ValueError(f"{old.path} was made with probe settings {same(old.data['config']['probe'])}, "
                          f"this run has {same(config['probe'])}: use another --out, or --overwrite")
