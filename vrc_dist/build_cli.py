@@ -10,12 +10,13 @@ import logging
 import os
 import sys
 
-from vrc_dist.config import BuildConfig, check_ranges, load
+from vrc_dist.config import BuildConfig, check_ranges, config_source, load
 from vrc_dist.shards import SHARDS_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML/TOML BuildConfig")
+    p.add_argument("--preset", help="a shipped BuildConfig by name instead of --config, e.g. reference-llava15")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. probe.k_global=8")
     p.add_argument("--model", help="toy, or a LLaVA checkpoint directory (sets probe.model)")
     p.add_argument("--shards", action="append", help=f"{SHARDS_HELP}; sets the config's shards")
@@ -36,7 +37,7 @@ def reject_relative_paths(parser: argparse.ArgumentParser, paths: list[str]) -> 
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    cfg = load(BuildConfig, args.config, args.set)
+    cfg = load(BuildConfig, config_source(args.config, getattr(args, "preset", None)), args.set)
     # Flags are set directly, not as `key=value` overrides: a path or a brace glob is not always valid YAML.
     if args.model:
         cfg.probe.model = args.model

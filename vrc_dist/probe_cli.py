@@ -22,18 +22,19 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="write the tokens table to this Parquet file instead of printing it")
     p.add_argument("--config", help="YAML/TOML ProbeConfig, or a BuildConfig whose probe section is used "
                                     "(default: vrc_dist/configs/toy.yaml for --model toy, else the reference values)")
+    p.add_argument("--preset", help="a shipped config by name, e.g. reference-llava15 (vrc_dist/configs/NAME.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a ProbeConfig field")
     p.add_argument("--engine", choices=("batched", "reference"), default="batched")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from vrc_dist.config import load_probe_config
+    from vrc_dist.config import config_source, load_probe_config
     from vrc_dist.images import load_image
     from vrc_dist.probe import Prober
 
     overrides = ([f"model={args.model}"] if args.model else []) + args.set
-    cfg = load_probe_config(args.config, overrides)
+    cfg = load_probe_config(config_source(args.config, args.preset), overrides)
     image = load_image(Path(args.image), args.image)
     prober = Prober(cfg, engine=args.engine)
     result = prober.probe(image, Path(args.image).name)
