@@ -54,7 +54,7 @@ def run(args) -> int:
 
 
 def format_table(result, decode) -> str:
-    columns = {**result.tokens, "top1_token": [decode(i) for i in result.tokens["top1_token_id"]]}
+    columns = {**result.tokens, "top1_token": [decode(i) if i >= 0 else "-" for i in result.tokens["top1_token_id"]]}  # -1: not probed
     widths = [len(fmt.format(_example(columns[c][0]))) for c, fmt in SHOWN.items()]
     head = " ".join(HEADERS.get(c, c)[:w].rjust(w) for c, w in zip(SHOWN, widths))
     rows = [" ".join(fmt.format(_example(columns[c][i])) for c, fmt in SHOWN.items()) for i in range(len(result.tokens["score"]))]
