@@ -1,6 +1,6 @@
 """Ray job entry point of the build: `ray job submit --working-dir . -- python jobs/build_codebook.py ...`.
 
-Takes the arguments of `vrc build` (--config CFG, --set k=v, --model, --shards, --out, --actors,
+Takes the arguments of `vrc build` (--config CFG or --preset NAME, --set k=v, --model, --shards, --out, --actors,
 --codebook, --overwrite) and runs the same pipeline on the cluster the job was submitted to.
 """
 import logging

@@ -54,3 +54,16 @@ sys.exit(main(["eval", "--model", "toy", "--codebook", "toy", "--shards", "shard
     assert done.returncode == 0, done.stderr[-3000:]
     table = (work / "eval" / "results.md").read_text()
     assert "| codebook | 0.111 |" in table
+
+
+def test_wheel_ships_the_reference_preset_and_resolves_it_outside_the_checkout(installed, tmp_path):
+    assert (installed / "vrc_dist" / "configs" / "reference-llava15.yaml").is_file()
+    code = f"""
+from vrc_dist.config import BuildConfig, load, preset_path
+path = preset_path("reference-llava15")
+assert str(path).startswith({str(installed)!r}), path
+cfg = load(BuildConfig, path)
+assert cfg.probe.conversation == "llava_v1" and cfg.probe.skip_leading_a and cfg.cluster.min_images == 64
+"""
+    done = run_installed(installed, tmp_path, code)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -16,6 +16,10 @@ from pathlib import Path
 import yaml
 
 TOY_CONFIG = Path(__file__).parent / "configs" / "toy.yaml"  # the toy model's calibrated settings
+PRESETS = Path(__file__).parent / "configs"  # package data: `--preset NAME` is PRESETS / NAME.yaml
+# Probe settings added after metrics datasets and codebooks were first recorded: a record without them was
+# made with these values (recorded_probe fills them in before settings are compared).
+PROBE_ADDED = {"tokens": "all", "conversation": "template", "skip_leading_a": False}
 DEFAULT_PROMPT = (
     "What does this image show? You must provide a single word that best describes the image."
 )
@@ -36,6 +40,45 @@ def at_least(lo):
 
 
 ODD = {"check": (lambda v: v >= 1 and v % 2 == 1, "must be an odd number >= 1 (a window centred on its token)")}
+CONVERSATIONS = ("template", "llava_v1")
+
+
+def one_of(options):
+    return {"check": (lambda v: v in options, f"must be one of {', '.join(options)}")}
+
+
+def parse_token_ranks(spec) -> list[tuple[int, int]] | None:
+    """`probe.tokens` as 1-based inclusive (first, last) [CLS]-similarity rank ranges; None for `all`.
+
+    Accepts "all", one rank (5), "a-b" ranges joined by commas ("1-24,37-44"), or a list of those. The
+    ranges must ascend without overlapping, so a typo never silently probes a different set."""
+    if spec == "all":
+        return None
+    items = spec if isinstance(spec, list) else [spec]
+    parts = [p.strip() if isinstance(p, str) else p for item in items for p in (item.split(",") if isinstance(item, str) else [item])]
+    ranges = []
+    for part in parts:
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", str(part))
+        if isinstance(part, bool) or m is None:
+            raise ConfigError(f"probe.tokens: {part!r} is not a rank or a range like 1-24")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if lo < 1 or hi < lo:
+            raise ConfigError(f"probe.tokens: {part!r}: ranks are 1-based and a range runs low-high")
+        if ranges and lo <= ranges[-1][1]:
+            raise ConfigError(f"probe.tokens: {part!r} does not come after {ranges[-1][0]}-{ranges[-1][1]}; "
+                              "ranges must ascend without overlapping")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise ConfigError("probe.tokens: an empty list; use `all` or rank ranges like 1-24,37-44")
+    return ranges
+
+
+def _valid_token_ranks(spec) -> bool:
+    parse_token_ranks(spec)  # raises a ConfigError that says what is wrong
+    return True
+
+
+TOKEN_RANKS = {"check": (_valid_token_ranks, "must be `all` or 1-based [CLS]-similarity rank ranges")}
 # PyYAML (YAML 1.1) reads `1e-3`, with no dot, as a string; a float field takes it as the number it is.
 _EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -64,6 +107,12 @@ class ProbeConfig:
     # max tokens (batch x sequence) in one batched forward
     token_budget: int = field(default=DEFAULT_TOKEN_BUDGET, metadata=at_least(1))
     seed: int = 0
+    # which tokens are probed: `all`, or 1-based [CLS]-similarity rank ranges ("1-24,37-44" or a list);
+    # un-probed tokens keep their row in the tokens table with NaN metrics and are never candidates
+    tokens: str | int | list[str | int] = field(default="all", metadata=TOKEN_RANKS)
+    conversation: str = field(default="template", metadata=one_of(CONVERSATIONS))  # template | llava_v1
+    # when a pass's first greedy token is "▁A", read the next step's logits instead (the reference scripts)
+    skip_leading_a: bool = False
 
 
 @dataclass
@@ -170,9 +219,14 @@ def check_ranges(cfg, where: str = "config", recurse: bool = True):
     return cfg
 
 
-def add_config_arguments(p, config_help: str, set_help: str = "override, e.g. probe.k_global=8") -> None:
-    """The one `--config FILE` / `--set KEY=VALUE` option block of every command that loads a config."""
+def add_config_arguments(p, config_help: str, set_help: str = "override, e.g. probe.k_global=8",
+                         presets: bool = False) -> None:
+    """The one `--config FILE` / `--set KEY=VALUE` option block of every command that loads a config; with
+    `presets`, also `--preset NAME`, a shipped config instead of a file (config_source)."""
     p.add_argument("--config", help=config_help)
+    if presets:
+        p.add_argument("--preset", help="a shipped config by name instead of --config, e.g. reference-llava15 "
+                                        "(vrc_dist/configs/NAME.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
 
 
@@ -241,3 +295,24 @@ def load_probe_config(path: str | Path | None = None, overrides: list[str] | Non
     if not path and data.get("model", ProbeConfig.model) == "toy":
         data = {**read_config_file(TOY_CONFIG)["probe"], **data}
     return from_dict(ProbeConfig, data, "probe")
+
+
+def recorded_probe(settings: dict) -> dict:
+    """Recorded probe settings with the later-added ones at the values they were made with."""
+    return {**PROBE_ADDED, **settings}
+
+
+def preset_path(name: str) -> Path:
+    """The shipped config file of preset `name` (vrc_dist/configs/NAME.yaml), or a ConfigError listing them."""
+    path = PRESETS / f"{name}.yaml"
+    if not name or "/" in name or not path.is_file():
+        known = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise ConfigError(f"preset {name!r} not found; known presets: {', '.join(known)}")
+    return path
+
+
+def config_source(config: str | None, preset: str | None) -> str | Path | None:
+    """The file behind `--config PATH` or `--preset NAME` (not both)."""
+    if config and preset:
+        raise ConfigError("give --config or --preset, not both")
+    return preset_path(preset) if preset else config

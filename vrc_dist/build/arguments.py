@@ -9,12 +9,12 @@ import argparse
 from vrc_dist.build import extend
 from vrc_dist.build.pipeline import check_output
 from vrc_dist.codebook.store import Codebook
-from vrc_dist.config import BuildConfig, add_config_arguments, check_ranges, load
+from vrc_dist.config import BuildConfig, add_config_arguments, check_ranges, config_source, load
 from vrc_dist.data.shards import SHARDS_HELP
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, "YAML/TOML BuildConfig")
+    add_config_arguments(p, "YAML/TOML BuildConfig", presets=True)
     p.add_argument("--model", help="toy, or a LLaVA checkpoint directory (sets probe.model)")
     p.add_argument("--shards", action="append", help=f"{SHARDS_HELP}; sets the config's shards")
     p.add_argument("--out", help="output directory of the metrics dataset")
@@ -34,7 +34,7 @@ def reject_relative_paths(parser: argparse.ArgumentParser, paths: list[str]) -> 
 
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
-    cfg = load(BuildConfig, args.config, args.set)
+    cfg = load(BuildConfig, config_source(args.config, getattr(args, "preset", None)), args.set)
     # Flags are set directly, not as `key=value` overrides: a path or a brace glob is not always valid YAML.
     if args.model:
         cfg.probe.model = args.model

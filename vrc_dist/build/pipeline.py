@@ -16,7 +16,7 @@ from vrc_dist.build.manifest import Manifest, utc_now
 from vrc_dist.build.schema import TABLES, table_path
 from vrc_dist.build.writer import mark_duplicates, shard_counts
 from vrc_dist.codebook.clustering import PROBE_SPEED_ONLY
-from vrc_dist.config import BuildConfig, to_dict
+from vrc_dist.config import BuildConfig, recorded_probe, to_dict
 from vrc_dist.data.shards import ShardSpec, expand_shards
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def open_run(cfg: BuildConfig, specs: list[ShardSpec]) -> Manifest:
         manifest = Manifest.create(out, config)
         manifest.save()
         return manifest
-    same = lambda probe: {k: v for k, v in probe.items() if k not in PROBE_SPEED_ONLY}  # noqa: E731
+    same = lambda probe: {k: v for k, v in recorded_probe(probe).items() if k not in PROBE_SPEED_ONLY}  # noqa: E731
     if same(old.data["config"]["probe"]) != same(config["probe"]):
         raise ValueError(f"{old.path} was made with probe settings {same(old.data['config']['probe'])}, "
                          f"this run has {same(config['probe'])}: use another --out, or --overwrite")

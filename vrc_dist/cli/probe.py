@@ -24,18 +24,18 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="write the tokens table to this Parquet file instead of printing it")
     add_config_arguments(p, "YAML/TOML ProbeConfig, or a BuildConfig whose probe section is used (default: "
                             "vrc_dist/configs/toy.yaml for --model toy, else the reference values)",
-                         "override a ProbeConfig field")
+                         "override a ProbeConfig field", presets=True)
     p.add_argument("--engine", choices=("batched", "reference"), default="batched")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from vrc_dist.config import load_probe_config
+    from vrc_dist.config import config_source, load_probe_config
     from vrc_dist.data.images import load_image
     from vrc_dist.probe.prober import Prober
 
     overrides = ([f"model={args.model}"] if args.model else []) + args.set
-    cfg = load_probe_config(args.config, overrides)
+    cfg = load_probe_config(config_source(args.config, args.preset), overrides)
     image = load_image(Path(args.image), args.image)
     prober = Prober(cfg, engine=args.engine)
     result = prober.probe(image, Path(args.image).name)
@@ -55,7 +55,7 @@ def run(args) -> int:
 
 
 def format_table(result, decode) -> str:
-    columns = {**result.tokens, "top1_token": [decode(i) for i in result.tokens["top1_token_id"]]}
+    columns = {**result.tokens, "top1_token": [decode(i) if i >= 0 else "-" for i in result.tokens["top1_token_id"]]}  # -1: not probed
     widths = [len(fmt.format(_example(columns[c][0]))) for c, fmt in SHOWN.items()]
     head = " ".join(HEADERS.get(c, c)[:w].rjust(w) for c, w in zip(SHOWN, widths))
     rows = [" ".join(fmt.format(_example(columns[c][i])) for c, fmt in SHOWN.items()) for i in range(len(result.tokens["score"]))]

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from vrc_dist.arrays import nonfinite_rows
 from vrc_dist.codebook.format import ANY, FORMAT, MANIFEST, PROVENANCE_SCHEMA, CodebookError, sha256_file
 from vrc_dist.codebook.store import Codebook
-from vrc_dist.config import ClusterConfig
+from vrc_dist.config import ClusterConfig, recorded_probe
 from vrc_dist.probe.dpc import dpc_knn
 
 CANDIDATE_COLUMNS = ["key", "shard", "token_index", "vector"]
@@ -276,7 +276,7 @@ def compare_with_latest(store: Codebook, latest: int, entries: list[dict], clust
     recorded = store.version_params(latest)
     where = f"codebook {store.path} v{latest:04d}"
     if isinstance(recorded.get("probe"), dict) and probe is not None:
-        changed = _changed(recorded["probe"], probe, PROBE_SPEED_ONLY)
+        changed = _changed(recorded_probe(recorded["probe"]), recorded_probe(probe), PROBE_SPEED_ONLY)
         if changed:
             detail = ", ".join(f"probe.{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise CodebookError(f"{where} was built with other probe settings ({detail}); use another --codebook, "
@@ -290,7 +290,7 @@ def compare_with_latest(store: Codebook, latest: int, entries: list[dict], clust
 
 def _same_probe(recorded: dict | None, probe: dict | None) -> bool:
     if isinstance(recorded, dict) and isinstance(probe, dict):
-        return not _changed(recorded, probe, PROBE_SPEED_ONLY)
+        return not _changed(recorded_probe(recorded), recorded_probe(probe), PROBE_SPEED_ONLY)
     return recorded == probe
 
 

@@ -36,7 +36,7 @@ def decile_table(tokens: dict[str, np.ndarray], grid_size: np.ndarray) -> dict[s
     table = {"decile": np.arange(10)}
     for col in ("top1_prob", "jsd_region", "jsd_global", "score"):
         v = tokens[col].astype(np.float64)
-        groups = [v[decile == d] for d in range(10)]
+        groups = [v[(decile == d) & ~np.isnan(v)] for d in range(10)]  # NaN: a token probe.tokens left out
         table[col] = np.array([g.mean() if len(g) else np.nan for g in groups])
         table[col + "_se"] = np.array([g.std() / np.sqrt(len(g)) if len(g) > 1 else 0 for g in groups])
     return table

@@ -18,12 +18,25 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from transformers import (
-    DynamicCache,
-)
+from transformers import DynamicCache
 
 from vrc_dist.config import DEFAULT_PROMPT, DEFAULT_TOKEN_BUDGET
-from vrc_dist.model.chat import conversation
+from vrc_dist.model.chat import conversation, llava_v1_prompt
+
+LEADING_A = "\u2581A"  # the SentencePiece piece "▁A" the reference scripts skip when it comes first
+
+
+def leading_a_token_id(tokenizer, model_id: str = "") -> int:
+    """The id of the vocabulary piece "▁A" (LLaMA's SentencePiece: 319), which `probe.skip_leading_a` skips.
+
+    The reference compares `convert_ids_to_tokens(id) == "\u2581A"`, so only that exact piece counts; a
+    tokenizer without it (byte-level BPE spells it "ĠA", word-level tokenizers have none) would never
+    trigger the rule, so that is an error rather than a silent no-op."""
+    token_id = tokenizer.get_vocab().get(LEADING_A)
+    if token_id is None:
+        raise ModelError(f"probe.skip_leading_a: the tokenizer of {model_id or 'this model'} has no {LEADING_A!r} "
+                         "piece (the rule is the reference scripts' for SentencePiece tokenizers such as LLaVA-1.5's)")
+    return int(token_id)
 
 
 class ModelError(ValueError):
@@ -94,8 +107,10 @@ class LlavaAdapter:
         prompt: str = DEFAULT_PROMPT,
         pad_token_id: int | None = None,
         token_budget: int = DEFAULT_TOKEN_BUDGET,
+        conversation: str = "template",
     ):
         self.model, self.image_processor, self.tokenizer = model, image_processor, tokenizer
+        self.conversation = conversation
         self.model_id, self.revision = model_id, revision
         self.config = model.config
         self.device, self.dtype = model.device, model.dtype
@@ -131,6 +146,8 @@ class LlavaAdapter:
         Tokenized as the LLaVA processors do (the tokenizer's defaults, BOS included) but with the
         placeholder left unexpanded, so it marks where every visual block goes.
         """
+        if self.conversation != "template":
+            return self._conversation_ids(prompt)
         if not self.tokenizer.chat_template:
             raise ModelError(f"{self.model_id}: the tokenizer has no chat template to build the prompt with")
         text = self.tokenizer.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
@@ -142,6 +159,31 @@ class LlavaAdapter:
                 f"(id {self.config.image_token_id}), expected 1: {text!r}"
             )
         return ids[: where[0]], ids[where[0] + 1 :]
+
+    def _conversation_ids(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix and suffix ids of a named conversation, tokenized as the reference's `tokenizer_image_token`:
+        each side of `<image>` on its own, BOS kept on the first only."""
+        if self.conversation != "llava_v1":
+            raise ModelError(f"probe.conversation {self.conversation!r}; expected template or llava_v1")
+        before, after = llava_v1_prompt(prompt).split("<image>")
+        prefix, suffix = self.tokenizer(before)["input_ids"], self.tokenizer(after)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and suffix[:1] == [bos] and prefix[:1] == [bos]:
+            suffix = suffix[1:]
+        return torch.tensor(prefix, dtype=torch.long), torch.tensor(suffix, dtype=torch.long)
+
+    @contextmanager
+    def after_token(self, token_id: int):
+        """Within the block, every logits call reads the next step's logits after `token_id` was generated:
+        the token's embedding is appended to the prompt's suffix (`probe.skip_leading_a`)."""
+        saved = self.suffix_embeddings
+        with torch.no_grad():
+            token = self.model.get_input_embeddings()(torch.tensor([token_id], device=self.device))
+        self.suffix_embeddings = torch.cat([saved, token])
+        try:
+            yield
+        finally:
+            self.suffix_embeddings = saved
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -109,6 +109,7 @@ def load_llava(
     prompt: str = DEFAULT_PROMPT,
     pad_token_id: int | None = None,
     token_budget: int = DEFAULT_TOKEN_BUDGET,
+    conversation: str = "template",
 ) -> LlavaAdapter:
     path = resolve_checkpoint(path_or_toy)
     dev, dt = resolve_device_dtype(device, dtype)
@@ -126,6 +127,7 @@ def load_llava(
         prompt=prompt,
         pad_token_id=pad_token_id,
         token_budget=token_budget,
+        conversation=conversation,
     )
 
 

@@ -7,6 +7,7 @@ import importlib
 
 _EXPORTS = {
     "ENGINES": "prober", "TOKEN_COLUMNS": "prober", "ImageResult": "prober", "Prober": "prober",
+    "PROBED_COLUMNS": "prober", "windows": "prober",
     "CONVENTIONS": "divergence", "divergence": "divergence", "top1_of_head": "divergence",
     "DPCResult": "dpc", "dpc_knn": "dpc", "dpc_knn_exact": "dpc", "dpc_knn_faiss": "dpc",
 }
