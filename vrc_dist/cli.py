@@ -15,6 +15,7 @@ SUBCOMMAND_MODULES = [
     "vrc_dist.probe_cli",
     "vrc_dist.eval_cli",
     "vrc_dist.doctor_cli",
+    "vrc_dist.lmms.cli",
 ]
 
 

@@ -1,0 +1,78 @@
+"""`vrc lmms-eval ARGS...` (lmms-eval's own command line, with `vrc_llava` registered) and `vrc lmms-task`."""
+from __future__ import annotations
+
+import sys
+
+from vrc_dist.shards import SHARDS_HELP
+
+MODEL_NAME = "vrc_llava"
+MODEL_CLASS = "vrc_dist.lmms.model.VrcLlava"
+NO_LMMS = ("lmms-eval is not installed in this Python ({python}); install the extra (pip install -e \".[lmms]\") "
+           "or build the separate venv with `make lmms-venv` and run .venv-lmms/bin/vrc lmms-eval ...")
+
+
+def register_model() -> None:
+    """Make `--model vrc_llava` resolve in this process. lmms-eval 0.7 reads models from its registry (not from
+    --include_path, which it reads for task YAMLs only); the package's `lmms_eval.models` entry point does the
+    same for a plain `lmms-eval` command once vrc-dist is installed."""
+    try:
+        from lmms_eval.models import MODEL_REGISTRY_V2
+        from lmms_eval.models.registry_v2 import ModelManifest
+    except ModuleNotFoundError as e:
+        if e.name and e.name.split(".")[0] == "lmms_eval":
+            raise ModuleNotFoundError(NO_LMMS.format(python=sys.executable)) from None
+        raise
+    MODEL_REGISTRY_V2.register_manifest(ModelManifest(model_id=MODEL_NAME, simple_class_path=MODEL_CLASS),
+                                        overwrite=True)
+
+
+def manifest():
+    """The `lmms_eval.models` entry point's payload."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=MODEL_NAME, simple_class_path=MODEL_CLASS)
+
+
+def run_lmms_eval(argv: list[str]) -> int:
+    register_model()
+    from lmms_eval.cli.dispatch import main as lmms_main
+
+    saved = sys.argv
+    sys.argv = ["lmms-eval", *argv]
+    try:
+        lmms_main()
+    except SystemExit as e:  # lmms-eval ends some paths (--help, errors) with sys.exit
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _lmms_eval(args) -> int:
+    try:
+        return run_lmms_eval(args.lmms_args)
+    except ModuleNotFoundError as e:
+        print(f"vrc lmms-eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _lmms_task(args) -> int:
+    from vrc_dist.lmms.task import write_task
+
+    info = write_task(args.shards, args.out)
+    print(f"wrote lmms-eval task vrc_toy to {info['dir']}: {info['images']} images, {info['questions']} questions "
+          f"({', '.join(info['types'])}); run it with --tasks vrc_toy --include_path {info['dir']}")
+    return 0
+
+
+def register(sub) -> None:
+    # prefix_chars="\0": no argument is an option of `vrc lmms-eval` itself, so --model etc. reach lmms-eval.
+    p = sub.add_parser("lmms-eval", add_help=False, prefix_chars="\0",
+                       help="lmms-eval's own command line with the vrc_llava model registered (needs the lmms extra)")
+    p.add_argument("lmms_args", nargs="...", help="every argument goes to lmms-eval unchanged")
+    p.set_defaults(func=_lmms_eval)
+
+    p = sub.add_parser("lmms-task", help="toy eval shards as the offline lmms-eval task vrc_toy (Parquet + YAML)")
+    p.add_argument("--shards", action="append", required=True, help=f"{SHARDS_HELP}; toy samples (the eval split)")
+    p.add_argument("--out", required=True, help="task directory to write (give it to lmms-eval's --include_path)")
+    p.set_defaults(func=_lmms_task)
