@@ -134,22 +134,27 @@ def test_launcher_runs_lmms_eval_cli_offline_and_logs_pruning(world, tmp_path):
     ("pretrained=toy,keep=0.5", "method 'codebook' needs codebook="),
     ("pretrained=TINY,codebook=toy,keep=0.5", "embedding dim mismatch"),
 ])
-def test_bad_model_arg_fails_before_any_data_is_read(world, tmp_path, model_args, message):
-    """The task's data file does not exist: an error about the model arg, not the data, shows it was checked first."""
+def test_bad_model_arg_fails_before_any_data_is_read(world, tmp_path, capsys, model_args, message):
+    """The task's data file does not exist: an error about the model arg, not the data, shows it was checked first.
+    In-process (`vrc` main, as the command runs it): the launcher's subprocess run is tested above."""
     import tiny_models
+
+    from vrc_dist.cli import main
 
     task = tmp_path / "task"
     task.mkdir()
     for name in ("vrc_toy.yaml", "utils.py"):
         text = (Path(world["task"]) / name).read_text()
         (task / name).write_text(text.replace(str(Path(world["task"]) / "vrc_toy.parquet"), str(tmp_path / "missing.parquet")))
-    model_args = model_args.replace("TINY", str(tiny_models.save("llava", tmp_path / "tiny")))
-    proc = subprocess.run([VRC, "lmms-eval", "--model", "vrc_llava", "--model_args", model_args, "--tasks", "vrc_toy",
-                           "--include_path", str(task)], env={**os.environ, **world["env"]},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and "missing.parquet" not in proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
+    if "TINY" in model_args:
+        model_args = model_args.replace("TINY", str(tiny_models.save("llava", tmp_path / "tiny")))
+    capsys.readouterr()
+    rc = main(["lmms-eval", "--model", "vrc_llava", "--model_args", model_args, "--tasks", "vrc_toy",
+               "--include_path", str(task)])
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err[-2000:]
+    assert message in captured.err and "missing.parquet" not in captured.out + captured.err
+    assert captured.err.count("\n") == 1  # one line
 
 
 def test_a_failed_evaluation_is_a_failed_command(world, tmp_path):
@@ -159,3 +164,48 @@ def test_a_failed_evaluation_is_a_failed_command(world, tmp_path):
                            "--include_path", world["task"]], env={**os.environ, **world["env"]},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
+
+
+MC_UTILS = '''
+
+import pyarrow.parquet as _pq
+
+CHOICES = sorted(set(_pq.read_table({data!r}, columns=["answer"]).column("answer").to_pylist()))
+
+
+def doc_to_choice(doc):
+    return CHOICES
+
+
+def doc_to_target_index(doc):
+    return CHOICES.index(doc["answer"])
+'''
+
+
+def test_loglikelihood_requests_multiple_choice(world, lmms_run, tmp_path):
+    """A multiple_choice task (every toy answer word a choice) is scored by vrc_llava's loglikelihood. Each choice
+    is one token, so the lowest-loss choice is the truth wherever greedy generation's first word was."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    data = str(Path(world["task"]) / "vrc_toy.parquet")
+    task = tmp_path / "mc"
+    task.mkdir()
+    (task / "utils.py").write_text((Path(world["task"]) / "utils.py").read_text() + MC_UTILS.format(data=data))
+    (task / "mc.yaml").write_text(
+        f"task: vrc_toy_mc\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(data)}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_visual: !function utils.doc_to_visual\n"
+        "doc_to_text: !function utils.doc_to_text\ndoc_to_choice: !function utils.doc_to_choice\n"
+        "doc_to_target: !function utils.doc_to_target_index\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    args = "pretrained=toy,codebook=toy,keep=0.111"
+    out = simple_evaluate(model="vrc_llava", model_args=args, tasks=["vrc_toy_mc"], limit=40, log_samples=True,
+                          task_manager=TaskManager("WARNING", include_path=str(task), include_defaults=False),
+                          bootstrap_iters=0, verbosity="WARNING")
+    mc = {s["doc_id"]: s for s in out["samples"]["vrc_toy_mc"]}
+    _, generated = lmms_run(args)
+    assert len(mc) == 40
+    for s in generated[:40]:
+        if s["exact_match"]:
+            assert mc[s["doc_id"]]["acc"] == 1.0, s["doc_id"]
+    assert all(m["token_counts"][0]["visual_tokens_kept"] == 7 for m in mc.values())

@@ -5,6 +5,7 @@ one-line error before lmms-eval reads any task data (it builds the model first).
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,11 @@ def check_model_args(pretrained="toy", codebook=None, keep=None, threshold=None,
 
     config = AutoConfig.from_pretrained(path)  # config.json only, with the class defaults hub configs omit
     model_class = MODEL_CLASSES[config.model_type]
+    if config.model_type == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
+        # transformers builds OneVision's processor with its video processor, which requires torchvision.
+        raise ModelArgError(f"vrc_llava: {pretrained}: LLaVA-OneVision's processor needs torchvision (for its video "
+                            "processor) and this environment has none; run it where torch has a matching "
+                            "torchvision (pip install -e \".[lmms]\" there)")
     dim = config.text_config.hidden_size
     cb = None
     if method in CODEBOOK_METHODS:

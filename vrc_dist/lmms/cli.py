@@ -95,7 +95,9 @@ def run_lmms_eval(argv: list[str]) -> int:
         sys.argv = saved
         lmms_main_module.cli_evaluate_single = single
     if failures:
-        print(f"vrc lmms-eval: error: the evaluation failed: {failures[0]}", file=sys.stderr)
+        e = failures[0]
+        print(f"vrc lmms-eval: error: the evaluation failed ({type(e).__name__}): {str(e).strip() or repr(e)}; "
+              "lmms-eval's traceback is above", file=sys.stderr)
         return 1
     return 0
 

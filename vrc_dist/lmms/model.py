@@ -213,8 +213,6 @@ class VrcLlava(lmms):
                 per_request.append(len(visuals))
             inputs = self._inputs(texts, images)
             inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            if hasattr(self.method, "truth"):
-                self.method.truth = None
             with prune_visual_tokens(self.model, method=self.method) as pruner:
                 self._timer.arm()
                 out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
@@ -266,7 +264,7 @@ class VrcLlava(lmms):
                     avg_speed=tokens / seconds if seconds else 0.0, additional_metrics=extra)
 
     @torch.no_grad()
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list:
         """(loss, greedy) per request, as lmms-eval's own llava_hf returns it: the mean negative
         log-likelihood of the continuation's tokens (multiple_choice takes the argmin), and whether greedy
         decoding gives exactly the continuation. The continuation follows the image, so the pruner removing
@@ -293,7 +291,13 @@ class VrcLlava(lmms):
             cont = inputs["input_ids"][0, -n:]
             logprobs = torch.log_softmax(logits, -1)
             loss = -logprobs.gather(-1, cont[:, None]).mean()
-            results[i] = (float(loss), bool((logits.argmax(-1) == cont).all()))
+            # Wrapped: lmms-eval 0.7.3's evaluator turns a bare (float, bool) into its str() (evaluator.py,
+            # unwrap_generation_output), which multiple_choice scoring cannot unpack; a GenerationResult's
+            # `text` is passed through as it is, with the pruning counts beside it.
+            counts = self._counts(pruner, [len(visuals)], inputs, None)
+            results[i] = GenerationResult(text=(float(loss), bool((logits.argmax(-1) == cont).all())),
+                                          token_counts=counts[0])
+            self._log_batch(task, counts)
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
