@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = [
     "vrc_dist.cli.eval",
     "vrc_dist.cli.report",
     "vrc_dist.cli.doctor",
+    "vrc_dist.cli.lmms",
 ]
 
 
