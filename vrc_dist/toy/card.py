@@ -7,6 +7,14 @@ from pathlib import Path
 from vrc_dist.toy.evaluate import format_accuracy
 
 
+BAR = 0.85  # the accuracy a question type must reach for the world to measure pruning on it
+
+
+def _below_bar(accuracy: dict) -> str:
+    low = [f"{t} ({r['accuracy']:.3f})" for t, r in accuracy.items() if r["accuracy"] < BAR]
+    return f"\nNot yet at the bar ({BAR} on every question type): {', '.join(low)}.\n" if low else ""
+
+
 def write_model_card(model_dir, accuracy: dict, eval_source: str, n_images: int) -> Path:
     model_dir = Path(model_dir)
     training = json.loads((model_dir / "training.json").read_text())
@@ -43,6 +51,7 @@ First generated word vs the ground truth, on {n_images} images of `{eval_source}
 seed was not used in training):
 
 {format_accuracy(accuracy)}
+{_below_bar(accuracy)}
 
 Reproduce: `vrc toy make-shards --out out/toy/eval --split eval --seed 100 --shards 2 --per-shard 200`
 then `vrc toy eval --shards out/toy/eval`.

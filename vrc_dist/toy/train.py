@@ -37,8 +37,8 @@ from vrc_dist.toy.world import COLOURS, SHAPES
 class TrainConfig:
     shards: list[str] = field(default_factory=lambda: ["out/toy/train"])  # --shards forms (SHARDS_HELP)
     out: str = str(TOY_MODEL_DIR)
-    vision_steps: int = 700
-    steps: int = 2400
+    vision_steps: int = 1500
+    steps: int = 4000
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -54,7 +54,7 @@ class TrainConfig:
     # ten tokens each, the 144 visual tokens are paid once.
     multi_turn: bool = True
     seed: int = 3
-    max_minutes: float = 20.0
+    max_minutes: float = 18.0
     # A checkpoint to continue from: its vision tower is kept (stage 1 is skipped) and the QA stage
     # starts from its weights, for a second run when a busy machine cut the first one short.
     init: str | None = None
