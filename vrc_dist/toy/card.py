@@ -6,7 +6,6 @@ from pathlib import Path
 
 from vrc_dist.toy.evaluate import format_accuracy
 
-
 BAR = 0.85  # the accuracy a question type must reach for the world to measure pruning on it
 
 
