@@ -100,29 +100,25 @@ def test_eval_cli_dim_mismatch_and_bad_keep(tmp_path, capsys):
 
 @pytest.mark.skipif(not (TOY_MODEL_DIR / "config.json").exists() or not (resolve_path("toy") / "manifest.json").exists(),
                     reason="needs the trained toy checkpoint and the toy codebook")
-def test_toy_eval_split_controls_and_the_diverse_rule(tmp_path):
-    """On 200 held-out images (eval seed 100, never used for training or the codebook): the ground-truth
-    oracles bracket random keep, and codebook-diverse holds the unpruned accuracy and beats the baselines.
-    What this world does not show (README): that the codebook itself helps; codebook-diverse scores the
-    same with a random codebook."""
+def test_toy_eval_split_oracles_bracket_random_keep(tmp_path):
+    """On 200 held-out images (eval seed 100, never used for training or the codebook), at 11.1% kept:
+    the ground-truth oracles bracket random keep, and the paper's rule holds most of the unpruned accuracy.
+    Measured on all 400 images of the README's table (2,834 questions): oracle 0.637, random 0.500,
+    anti-oracle 0.282, codebook 0.584 of 0.641 unpruned. What the world does not show (README): that the
+    codebook beats its random control; codebook-null scores 0.602."""
     from vrc_dist.model.loading import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
     samples = records_from_samples(load_toy_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval")))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
     unpruned = evaluate(model, processor, samples, ["random"], [1.0], repeats=1)[0]
-    baselines = ["codebook", "random", "cls", "pool", "fastv"]  # FastV at its paper's K=2
-    rows = evaluate(model, processor, samples, ["codebook-diverse", *baselines, "oracle", "anti-oracle"],
-                    [0.111, 0.056], codebook=codebook, repeats=1)
-    acc = {(r["method"], r["keep"]): r["accuracy"] for r in rows}
-    assert unpruned["questions"] >= 300
-    # Measured on these 200 images (1,186 questions) at 11.1%: oracle 0.801, random 0.691, anti-oracle 0.316.
-    assert acc["oracle", 0.111] >= acc["random", 0.111] + 0.08
-    assert acc["anti-oracle", 0.111] <= acc["random", 0.111] - 0.2
-    assert acc["codebook-diverse", 0.111] >= 0.9 * unpruned["accuracy"]  # measured 1.00
-    for keep in (0.111, 0.056):
-        # Measured: 0.820 / 0.820, against at most 0.799 / 0.800 (FastV).
-        assert acc["codebook-diverse", keep] >= max(acc[m, keep] for m in baselines)
+    rows = evaluate(model, processor, samples, ["codebook", "random", "oracle", "anti-oracle"], [0.111],
+                    codebook=codebook, repeats=1)
+    acc = {r["method"]: r["accuracy"] for r in rows}
+    assert unpruned["questions"] >= 1000
+    assert acc["oracle"] >= acc["random"] + 0.08
+    assert acc["anti-oracle"] <= acc["random"] - 0.12
+    assert acc["codebook"] >= 0.85 * unpruned["accuracy"]
 
 
 def test_toy_samples_satisfy_the_qa_record_contract(tmp_path):
