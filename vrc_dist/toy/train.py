@@ -208,9 +208,8 @@ def _turns(rng, items, rows_of_image, row: int, several: bool) -> list[tuple[tup
     return [(items.suffix[r], items.answer[r]) for r in rows]
 
 
-def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=print) -> dict:
-    torch.set_num_threads(cfg.threads)
-    rng = np.random.default_rng(cfg.seed)
+def _start(cfg: TrainConfig, spec: TinyLlavaSpec, rng, progress):
+    """The model after stage 1 (or `cfg.init`'s, whose tower is kept), its processor, samples and encodings."""
     if cfg.init:
         from vrc_dist.model import load_checkpoint
 
@@ -219,9 +218,16 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
         model, processor = build_model(spec, seed=cfg.seed)
     samples = load_toy_samples(cfg.shards)
     pixels, items = encode_samples(samples, processor)
-    prefix = torch.tensor(items.prefix)
     if not cfg.init:
         pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
+    return model, processor, samples, pixels, items
+
+
+def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=print) -> dict:
+    torch.set_num_threads(cfg.threads)
+    rng = np.random.default_rng(cfg.seed)
+    model, processor, samples, pixels, items = _start(cfg, spec, rng, progress)
+    prefix = torch.tensor(items.prefix)
     # Stage 2 keeps the vision tower frozen, as LLaVA does: its features are computed once.
     model.model.vision_tower.requires_grad_(False)
     features = _frozen_features(model, pixels)
