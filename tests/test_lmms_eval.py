@@ -96,7 +96,7 @@ def test_lmms_eval_accuracy_equals_vrc_eval(lmms_run, vrc_eval_rows, method, kee
         assert results[f"acc_{qtype},none"] == pytest.approx(row[f"acc_{qtype}"], abs=1e-12), qtype
     # What pruning did, per request, is in lmms-eval's own sample log.
     kept = {s["token_counts"][0]["visual_tokens_kept"] for s in samples}
-    assert kept == {round(row["kept_tokens"])} and {s["token_counts"][0]["visual_tokens_total"] for s in samples} == {64}
+    assert kept == {round(row["kept_tokens"])} and {s["token_counts"][0]["visual_tokens_total"] for s in samples} == {144}
     assert all(s["token_counts"][0]["prefill_ms"] > 0 for s in samples)
 
 
@@ -120,12 +120,12 @@ def test_launcher_runs_lmms_eval_cli_offline_and_logs_pruning(world, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (results_file,) = out.rglob("*_results.json")
     results = json.loads(results_file.read_text())
-    assert results["results"]["vrc_toy"]["exact_match,none"] > 0.5
-    assert results["throughput"]["avg_visual_tokens_kept"] == 7 and results["throughput"]["avg_prefill_ms"] > 0
+    assert results["results"]["vrc_toy"]["exact_match,none"] > 0.45  # 16 of 144 tokens; chance is ~0.2
+    assert results["throughput"]["avg_visual_tokens_kept"] == 16 and results["throughput"]["avg_prefill_ms"] > 0
     (samples_file,) = out.rglob("*_samples_vrc_toy.jsonl")
     samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
     assert len(samples) == 40
-    assert all(s["token_counts"][0]["visual_tokens_kept"] == 7 for s in samples)
+    assert all(s["token_counts"][0]["visual_tokens_kept"] == 16 for s in samples)
 
 
 @pytest.mark.parametrize("model_args, message", [
@@ -208,4 +208,4 @@ def test_loglikelihood_requests_multiple_choice(world, lmms_run, tmp_path):
     for s in generated[:40]:
         if s["exact_match"]:
             assert mc[s["doc_id"]]["acc"] == 1.0, s["doc_id"]
-    assert all(m["token_counts"][0]["visual_tokens_kept"] == 7 for m in mc.values())
+    assert all(m["token_counts"][0]["visual_tokens_kept"] == 16 for m in mc.values())

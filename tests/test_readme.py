@@ -80,6 +80,6 @@ def test_the_using_it_block_runs_on_a_fresh_clone(tmp_path):
     assert "v0001 -> v0002" in result.stdout
     assert (clone / "out/mine-v2.pt").stat().st_size > 0 and (clone / "out/mine-v2.json").stat().st_size > 0
     assert (clone / "codebooks/imported/v0001").is_dir()
-    assert "| codebook | 0.111 | 7 |" in (clone / "out/eval/results.md").read_text()
+    assert "| codebook | 0.111 | 16 |" in (clone / "out/eval/results.md").read_text()  # 16 of 144 tokens
     page = (clone / "out/run1/report/index.md").read_text()
     assert "Warning" not in page and page.count("](overlay_") == 3  # overlays on pixels found through the glob

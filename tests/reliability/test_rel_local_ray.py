@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -96,12 +97,19 @@ def test_ctrl_c_ends_a_build_with_one_line(tmp_path):
     cmd = [sys.executable, "-m", "vrc_dist.cli", "build", "--model", "toy", "--shards",
            str(tmp_path / "shards" / "*.tar"), "--out", str(tmp_path / "out"), "--actors", "1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
     deadline = time.time() + 300
-    while time.time() < deadline and not (tmp_path / "out" / "manifest.json").exists():
+    # On a loaded machine the actor can take longer to start than a fixed sleep: wait until it probes.
+    while time.time() < deadline and not any("probe actors ready" in line for line in lines):
         time.sleep(0.5)
-    time.sleep(8)  # the actor is probing by now
+    time.sleep(4)  # 20 images at >= 2 s each: the actor is mid-shard
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    stdout = proc.stdout.read()  # small: the build prints its summary only when it ends
+    reader.join(timeout=10)
+    stderr = "".join(lines)
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr + stdout, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "vrc build: interrupted", stderr[-3000:]
