@@ -39,7 +39,7 @@ VRC = str(Path(sys.executable).parent / "vrc")
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Toy eval shards (the issue's: seed 100, 40 images, 239 questions), their task, and a private HF cache."""
+    """Toy eval shards (the issue's: seed 100, 40 images, 293 questions in world v2), their task, and a private HF cache."""
     tmp = tmp_path_factory.mktemp("lmms")
     make_shards(tmp / "eval", 1, 40, seed=100, split="eval")
     write_task([str(tmp / "eval")], tmp / "task")
@@ -90,7 +90,7 @@ def lmms_run(world):
 def test_lmms_eval_accuracy_equals_vrc_eval(lmms_run, vrc_eval_rows, method, keep):
     results, samples = lmms_run(f"pretrained=toy,codebook=toy,keep={keep},method={method}")
     row = vrc_eval_rows[(method, keep)]
-    assert len(samples) == row["questions"] == 239
+    assert len(samples) == row["questions"] == 293
     assert results["exact_match,none"] == pytest.approx(row["accuracy"], abs=1e-12)
     for qtype in QUESTION_TYPES:
         assert results[f"acc_{qtype},none"] == pytest.approx(row[f"acc_{qtype}"], abs=1e-12), qtype
