@@ -37,6 +37,8 @@ def shards(tmp_path_factory):
     (dict(codebook="toy", keep=0.5, batch_size=0), "batch_size must be at least 1"),
     (dict(codebook="toy", keep=0.5, dtype="int8"), "dtype 'int8'"),
     (dict(codebook="toy", keep=0.5, unknown={"kepe": 0.5}), "unknown model args kepe"),
+    (dict(codebook="toy", keep=0.5, crops="tiles"), "crops='tiles'; expected one of all, per-crop, base-only"),
+    (dict(keep=0.5, method="fastv", crops="base-only"), "fastv prunes inside the LLM"),
 ])
 def test_bad_model_args_are_one_line_errors(args, message):
     with pytest.raises(ModelArgError) as e:

@@ -1,7 +1,7 @@
-"""Random-weight tiny checkpoints of the three LLaVA classes, saved like real ones, for shape and plumbing tests.
+"""Random-weight tiny checkpoints of the LLaVA classes, saved like real ones, for shape and plumbing tests.
 
 Each is a 40 px tower with 8 px patches (a 5x5 grid, L = 25) and a 2-layer LM over the toy
-tokenizer. A larger init scale than the default 0.02 makes the logits depend visibly on the visual
+tokenizer (plus a `<video>` token for the classes that take video: OneVision, NeXT-Video, Video-LLaVA). A larger init scale than the default 0.02 makes the logits depend visibly on the visual
 tokens, so divergences are not all ~0 and batched-vs-reference comparisons mean something.
 """
 from __future__ import annotations
@@ -18,11 +18,15 @@ from transformers import (
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
     LlavaOnevisionImageProcessorPil,
     Qwen2Config,
     SiglipVisionConfig,
+    VideoLlavaConfig,
+    VideoLlavaForConditionalGeneration,
 )
 
 from vrc_dist.toy.tokenizer import CHAT_TEMPLATE, build_processor, build_tokenizer
@@ -30,7 +34,8 @@ from vrc_dist.toy.tokenizer import CHAT_TEMPLATE, build_processor, build_tokeniz
 IMAGE, PATCH = 40, 8
 GRID = IMAGE // PATCH
 PINPOINTS = [[IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE]]
-KINDS = ("llava", "llava_next", "llava_onevision")
+KINDS = ("llava", "llava_next", "llava_onevision")  # the image classes the probe adapter reads
+VIDEO_KINDS = ("llava_onevision", "llava_next_video", "video_llava")
 MEAN_STD = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
@@ -48,12 +53,15 @@ def _text(cls, vocab_size: int, pad_token_id: int):
 
 def build(kind: str):
     """(model, processor) of `kind`, random weights, seeded. OneVision's processor object needs torchvision
-    (for its video half), so for it `processor` is the (image processor, tokenizer) pair the adapter loads."""
+    (for its video half), so for it and the other video classes `processor` is the (image processor,
+    tokenizer) pair: tests expand the `<image>` / `<video>` placeholders themselves."""
     tokenizer = build_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    common = dict(image_token_id=image_token_id, projector_hidden_act="gelu")
-    torch.manual_seed({"llava": 0, "llava_next": 1, "llava_onevision": 2}[kind])
+    common = dict(image_token_id=tokenizer.convert_tokens_to_ids("<image>"), projector_hidden_act="gelu")
+    if kind in VIDEO_KINDS:
+        tokenizer.add_tokens(["<video>"], special_tokens=True)
+        common["video_token_id"] = tokenizer.convert_tokens_to_ids("<video>")
+    torch.manual_seed({"llava": 0, "llava_next": 1, "llava_onevision": 2, "llava_next_video": 3, "video_llava": 4}[kind])
     if kind == "llava":
         config = LlavaConfig(vision_config=_vision(False), text_config=_text(LlamaConfig, len(tokenizer), 0),
                              vision_feature_layer=-2, vision_feature_select_strategy="default", **common)
@@ -76,7 +84,19 @@ def build(kind: str):
         image_processor = LlavaOnevisionImageProcessorPil(
             size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=PINPOINTS, **MEAN_STD)
         return LlavaOnevisionForConditionalGeneration(config).eval(), (image_processor, tokenizer)
-    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    if kind == "llava_next_video":
+        config = LlavaNextVideoConfig(vision_config=_vision(False), text_config=_text(LlamaConfig, len(tokenizer), 0),
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      image_grid_pinpoints=PINPOINTS, spatial_pool_stride=2, **common)
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE},
+            image_grid_pinpoints=PINPOINTS, **MEAN_STD)
+        return LlavaNextVideoForConditionalGeneration(config).eval(), (image_processor, tokenizer)
+    if kind == "video_llava":
+        config = VideoLlavaConfig(vision_config=_vision(False), text_config=_text(LlamaConfig, len(tokenizer), 0),
+                                  vision_feature_layer=-2, vision_feature_select_strategy="default", **common)
+        return VideoLlavaForConditionalGeneration(config).eval(), (None, tokenizer)
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + VIDEO_KINDS[1:]}")
 
 
 def save(kind: str, directory: Path) -> Path:
@@ -84,5 +104,6 @@ def save(kind: str, directory: Path) -> Path:
     model, processor = build(kind)
     model.save_pretrained(directory)
     for part in processor if isinstance(processor, tuple) else (processor,):
-        part.save_pretrained(directory)
+        if part is not None:
+            part.save_pretrained(directory)
     return directory

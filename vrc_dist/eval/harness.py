@@ -116,10 +116,11 @@ def run_method(model, batches: list[Batch], method, repeats: int = 3) -> dict:
                 counts[qtype][0] += ok
                 counts[qtype][1] += 1
                 correct.append(ok)
-            kept += pruner.kept
-            total += pruner.total
+            image_kept, image_total = pruner.by_item("image")
+            kept += image_kept
+            total += image_total
             n_full = batch.inputs["attention_mask"].sum(1).tolist()
-            for n, k, t in zip(n_full, pruner.kept, pruner.total):  # one image per question
+            for n, k, t in zip(n_full, image_kept, image_total):  # one image per question
                 flops += prefill_flops(cfg, n, n - (t - k), first_pruned)
     finally:
         timer.remove()

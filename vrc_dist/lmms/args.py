@@ -14,6 +14,7 @@ import torch
 from vrc_dist.codebook import Codebook
 from vrc_dist.model import MODEL_CLASSES, resolve_checkpoint, resolve_device_dtype
 from vrc_dist.prune import CODEBOOK_METHODS, GROUP_SIM, METHODS, CodebookMethod, check_keep, make_method
+from vrc_dist.prune.layout import CROPS
 
 # Need the toy world's per-patch ground truth, which an lmms-eval request does not carry.
 TOY_ONLY = ("oracle", "anti-oracle")
@@ -39,6 +40,7 @@ class ModelArgs:
     device: torch.device
     dtype: torch.dtype
     batch_size: int
+    crops: str = "all"
 
     def make_method(self):
         if self.threshold is not None:
@@ -52,7 +54,7 @@ class ModelArgs:
         rule = f"keep {self.keep}" if self.threshold is None else f"threshold {self.threshold}"
         cb = "" if self.codebook is None else f", codebook {self.codebook.path} v{self.codebook.version:04d}"
         return (f"{self.pretrained} ({self.model_class.__name__}), method {self.method}, {rule}{cb}, "
-                f"seed {self.seed}, {self.device} {str(self.dtype).replace('torch.', '')}, batch {self.batch_size}")
+                f"crops {self.crops}, seed {self.seed}, {self.device} {str(self.dtype).replace('torch.', '')}, batch {self.batch_size}")
 
 
 def _number(name: str, value, kind=float):
@@ -64,17 +66,21 @@ def _number(name: str, value, kind=float):
 
 def check_model_args(pretrained="toy", codebook=None, keep=None, threshold=None, method="codebook", seed=0,
                      fastv_layer=2, group_sim=None, device="auto", dtype="auto", batch_size=1,
-                     unknown=None) -> ModelArgs:
+                     crops="all", unknown=None) -> ModelArgs:
     if unknown:
         raise ModelArgError(f"vrc_llava: unknown model args {', '.join(sorted(unknown))}; expected pretrained, "
                             "codebook, keep or threshold, method, seed, fastv_layer, group_sim, device, dtype, "
-                            "batch_size")
+                            "batch_size, crops")
     method = str(method)
     if method in TOY_ONLY:
         raise ModelArgError(f"vrc_llava: method {method!r} reads the toy world's per-patch ground truth, which "
                             "lmms-eval requests do not carry; use `vrc eval` for it")
     if method not in LMMS_METHODS:
         raise ModelArgError(f"vrc_llava: unknown method {method!r}; expected one of {', '.join(LMMS_METHODS)}")
+    if crops not in CROPS:
+        raise ModelArgError(f"vrc_llava: crops={crops!r}; expected one of {', '.join(CROPS)}")
+    if crops == "base-only" and method == "fastv":
+        raise ModelArgError("vrc_llava: fastv prunes inside the LLM, so it cannot give it the base image only")
     if (keep is None) == (threshold is None):
         raise ModelArgError("vrc_llava: give exactly one of keep (a ratio in (0, 1]) or threshold")
     if keep is not None:
@@ -116,4 +122,4 @@ def check_model_args(pretrained="toy", codebook=None, keep=None, threshold=None,
         except (ValueError, FileNotFoundError, OSError) as e:
             raise ModelArgError(f"vrc_llava: codebook {codebook!r}: {e}") from None
     return ModelArgs(str(pretrained), path, model_class, cb, keep, threshold, method, seed, fastv_layer, group_sim,
-                     dev, dt, batch_size)
+                     dev, dt, batch_size, crops)

@@ -1,6 +1,7 @@
 """lmms-eval's own command line with the `vrc_llava` model registered: what `vrc lmms-eval ARGS...` runs."""
 from __future__ import annotations
 
+import inspect
 import sys
 
 MODEL_NAME = "vrc_llava"
@@ -59,8 +60,7 @@ def precheck(argv: list[str]) -> None:
         if value is not None and key not in args:
             args[key] = value
     args.pop("max_batch_size", None)
-    known = {"pretrained", "codebook", "keep", "threshold", "method", "seed", "fastv_layer", "group_sim", "device",
-             "dtype", "batch_size"}
+    known = set(inspect.signature(check_model_args).parameters) - {"unknown"}
     check_model_args(**{k: v for k, v in args.items() if k in known},
                      unknown={k: v for k, v in args.items() if k not in known})
 

@@ -93,14 +93,14 @@ class VrcLlava(lmms):
     def __init__(self, pretrained: str = "toy", codebook: str | None = None, keep: float | None = None,
                  threshold: float | None = None, method: str = "codebook", seed: int = 0, fastv_layer: int = 2,
                  group_sim: float | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 1,
-                 max_batch_size: int | None = None, **unknown) -> None:
+                 max_batch_size: int | None = None, crops: str = "all", **unknown) -> None:
         super().__init__()
         # Everything is checked, and the codebook opened against the checkpoint's config, before weights load
         # (and before lmms-eval reads any task data, which it does after building the model).
         self.args: ModelArgs = check_model_args(
             pretrained=pretrained, codebook=codebook, keep=keep, threshold=threshold, method=method, seed=seed,
             fastv_layer=fastv_layer, group_sim=group_sim, device=device, dtype=dtype, batch_size=batch_size,
-            unknown=unknown)
+            crops=crops, unknown=unknown)
         a = self.args
         from transformers import AutoProcessor
 
@@ -111,6 +111,7 @@ class VrcLlava(lmms):
         self.tokenizer = self.processor.tokenizer
         self.batch_size_per_gpu = a.batch_size
         self.method = a.make_method()
+        self.crops = a.crops
         self._timer = _PrefillTimer(self._model.model.language_model, a.device)
         eval_logger.info(f"vrc_llava: {a.describe()}")
 
@@ -213,7 +214,7 @@ class VrcLlava(lmms):
                 per_request.append(len(visuals))
             inputs = self._inputs(texts, images)
             inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            with prune_visual_tokens(self.model, method=self.method) as pruner:
+            with prune_visual_tokens(self.model, method=self.method, crops=self.crops) as pruner:
                 self._timer.arm()
                 out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                           pad_token_id=self.tokenizer.pad_token_id,
@@ -231,9 +232,9 @@ class VrcLlava(lmms):
         return results
 
     def _counts(self, pruner, per_request: list[int], inputs: dict, new: torch.Tensor | None) -> list[PruneCounts]:
-        """Per request: visual tokens kept / total (pruner.kept lists images in order), input tokens the
-        language model saw after pruning, generated tokens, and its share of the batch's prefill time."""
-        kept, total = list(getattr(pruner, "kept", [])), list(getattr(pruner, "total", []))
+        """Per request: visual tokens kept / total (per image, in order), input tokens the language model
+        saw after pruning, generated tokens, and its share of the batch's prefill time."""
+        kept, total = pruner.by_item("image")
         prefill_ms = 1e3 * self._timer.seconds / len(per_request)
         lengths = inputs["attention_mask"].sum(1).tolist()
         counts, pos = [], 0
@@ -285,7 +286,7 @@ class VrcLlava(lmms):
                                  "the prompt")
             n = len(full_ids) - len(prompt_ids)
             inputs = self._inputs([prompt + continuation], visuals)
-            with prune_visual_tokens(self.model, method=self.method) as pruner:
+            with prune_visual_tokens(self.model, method=self.method, crops=self.crops) as pruner:
                 self._timer.arm()
                 logits = self.model(**inputs, logits_to_keep=n + 1).logits[0, :-1].float()
             cont = inputs["input_ids"][0, -n:]

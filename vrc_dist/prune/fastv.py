@@ -6,6 +6,8 @@ remain, keeping their original positions (FastV drops them from the sequence, it
 The hooks gather the hidden states, rotary embeddings, position ids and 4-D mask at layer K; in decode
 steps the layers from K on have a shorter cache, so their mask keeps only the surviving columns.
 Every row must remove the same number of tokens (equal image sizes), so the batch stays rectangular.
+Each image, crop or video frame is ranked within its own budget, as at the input (vrc_dist/prune/layout.py);
+`crops="base-only"` is refused: the crops would still reach layers 0..K-1.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 
 from vrc_dist.config import FASTV_LAYER
 from vrc_dist.model.adapter import given_cache
-from vrc_dist.prune.hooks import HookedPruner, image_runs, newline_mask
+from vrc_dist.prune.hooks import HookedPruner
+from vrc_dist.prune.layout import layout
 from vrc_dist.prune.methods import check_keep, keep_count
 
 
@@ -28,8 +31,11 @@ class FastV:
             raise ValueError(f"FastV prunes after a layer K >= 1, got K={layer}")
         self.layer = layer
 
-    def pruner(self, model):
-        return FastVPruner(model, self)
+    def pruner(self, model, crops: str = "all"):
+        if crops == "base-only":
+            raise ValueError("fastv prunes inside the LLM, so it cannot give it the base image only; "
+                             "use crops='all' or 'per-crop'")
+        return FastVPruner(model, self, crops)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -42,14 +48,13 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class FastVPruner(HookedPruner):
-    def __init__(self, model, fastv: FastV):
-        super().__init__(model)
+    def __init__(self, model, fastv: FastV, crops: str = "all"):
+        super().__init__(model, crops)
         self.fastv = fastv
         layers = model.model.language_model.layers
         if fastv.layer >= len(layers):
             raise ValueError(f"FastV layer K={fastv.layer} but the language model has {len(layers)} layers")
         self.layers = layers
-        self._images = None  # per row: list of content-token positions per image
         self._pad = None
         self._attention = None
         self._keep_idx = None  # [B, T'] positions surviving layer K (prefill), kept for decode
@@ -59,7 +64,7 @@ class FastVPruner(HookedPruner):
     def attach(self):
         m = self.model.model
         self._handles = [
-            m.register_forward_pre_hook(self._capture, with_kwargs=True),
+            *self._hooks(),
             m.language_model.register_forward_pre_hook(self._before_llm, with_kwargs=True),
             self.layers[self.fastv.layer - 1].self_attn.register_forward_pre_hook(self._rank, with_kwargs=True),
         ]
@@ -70,19 +75,16 @@ class FastVPruner(HookedPruner):
     def _before_llm(self, module, args, kwargs):
         cache = given_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        ids, self._step = self._input_ids, None
-        self._phase = None
-        if past == 0 and ids is not None and (ids == self.model.config.image_token_id).any():
+        self._step, self._phase = None, None
+        if past == 0:
+            self._keep_idx = None
+        if self._visual_prefill(past):
             self._phase = "prefill"
             embeds = kwargs["inputs_embeds"]
             mask = kwargs.get("attention_mask")
             self._pad = None if mask is None else mask.bool()
             self._length = embeds.shape[1]
-            self._images = []
-            for b in range(len(ids)):
-                runs = image_runs(ids[b] == self.model.config.image_token_id)
-                self._images.append([s + (~newline_mask(self.model, embeds[b, s:e])).nonzero().flatten()
-                                     for s, e in runs])
+            self.units, _ = layout(self.model, self._input_ids, embeds, self.tap, self.crops)
         elif past > 0 and self._keep_idx is not None:
             self._phase = "decode"
         return args, kwargs
@@ -105,18 +107,15 @@ class FastVPruner(HookedPruner):
         self._attention = torch.softmax(scores.float(), dim=-1).mean(1)
 
     def _select(self) -> torch.Tensor:
-        self.kept, self.total, rows = [], [], []
-        for b, images in enumerate(self._images):
-            drop = []
-            for positions in images:
-                n = keep_count(self.fastv.keep, len(positions))
-                order = torch.argsort(self._attention[b, positions], descending=True, stable=True)
-                drop.append(positions[order[n:]])
-                self.kept.append(n)
-                self.total.append(len(positions))
-            keep = torch.ones(self._length, dtype=torch.bool, device=self._attention.device)
-            keep[torch.cat(drop)] = False
-            rows.append(keep.nonzero().flatten())
+        self.kept, self.total = [], []
+        keep = torch.ones(self._attention.shape[0], self._length, dtype=torch.bool, device=self._attention.device)
+        for unit in self.units:
+            n = keep_count(self.fastv.keep, len(unit.positions))
+            order = torch.argsort(self._attention[unit.row, unit.positions], descending=True, stable=True)
+            keep[unit.row, unit.positions[order[n:]]] = False
+            self.kept.append(n)
+            self.total.append(len(unit.positions))
+        rows = [k.nonzero().flatten() for k in keep]
         if len({len(r) for r in rows}) > 1:
             raise ValueError("FastV needs every row of the batch to remove the same number of tokens "
                              "(images of equal token count); batch unequal images separately")

@@ -2,14 +2,14 @@
 
     with prune_visual_tokens(model, "toy", keep=0.111) as pruner:
         out = model.generate(**inputs)
-    pruner.kept  # visual tokens each image kept, in order of appearance
+    pruner.kept  # content tokens each unit kept (an image, a crop or a video frame), in order of appearance
 
-The pruner hooks a transformers LLaVA model (LLaVA-1.5, LLaVA-NeXT, OneVision) at the language model's
-input, where the image features are already merged into `inputs_embeds`: every contiguous run of image
-placeholder tokens is one image (all its crops, for NeXT and OneVision). A method reduces each run, the
-rows are left-padded again, and the sequence the LLM sees is genuinely shorter, so prefill cost falls.
-Positions are contiguous after removal (as if the shorter prompt had been typed), like the reference.
-Learned newline tokens (NeXT, OneVision) are layout, not content: always kept and not counted in L.
+The pruner hooks a transformers LLaVA model (LLaVA-1.5, LLaVA-NeXT, OneVision, NeXT-Video) at the
+language model's input, where the visual features are already merged into `inputs_embeds`. Each image,
+crop or video frame (vrc_dist/prune/layout.py) is reduced to its own budget, the rows are left-padded
+again, and the sequence the LLM sees is genuinely shorter, so prefill cost falls. Positions are
+contiguous after removal (as if the shorter prompt had been typed), like the reference. Learned newline
+tokens (NeXT, OneVision) are layout, not content: always kept and not counted.
 
 Inside `generate` the decode steps are corrected too: the 2-D attention mask `generate` keeps growing
 still has the unpruned length, so each decode step gets the pruned mask instead, and position ids given
@@ -23,34 +23,38 @@ import torch
 
 from vrc_dist.codebook.store import Codebook
 from vrc_dist.model.adapter import given_cache
+from vrc_dist.prune.layout import CROPS, FeatureTap, Unit, layout, token_id
 from vrc_dist.prune.methods import GROUP_SIM, CodebookMethod, Method
 
 
-def image_runs(is_image: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each contiguous run of True in a 1-D bool tensor: one run per image."""
-    edges = torch.diff(is_image.int(), prepend=is_image.new_zeros(1).int(), append=is_image.new_zeros(1).int())
-    starts = (edges == 1).nonzero().flatten().tolist()
-    ends = (edges == -1).nonzero().flatten().tolist()
-    return list(zip(starts, ends))
-
-
-def newline_mask(model, block: torch.Tensor) -> torch.Tensor:
-    """Which rows of an image's token block are the model's learned `image_newline` (NeXT, OneVision)."""
-    newline = getattr(model.model, "image_newline", None)
-    if newline is None:
-        return torch.zeros(len(block), dtype=torch.bool, device=block.device)
-    return (block == newline.to(block)).all(-1)
-
-
 class HookedPruner:
-    """Forward hooks on a LLaVA model that see its input ids and count kept tokens per image."""
+    """Forward hooks on a LLaVA model that see its input ids and the encoder's output, and report the
+    content tokens kept per unit."""
 
-    def __init__(self, model):
+    def __init__(self, model, crops: str = "all"):
+        if crops not in CROPS:
+            raise ValueError(f"crops must be one of {', '.join(CROPS)}, got {crops!r}")
         self.model = model
-        self.kept: list[int] = []  # content tokens kept per image, last prefill
-        self.total: list[int] = []  # content tokens per image before pruning, last prefill
+        self.crops = crops
+        self.tap = FeatureTap(model)
+        self.units: list[Unit] = []  # last prefill's budget units, in order of appearance
+        self.kept: list[int] = []  # content tokens kept per unit, last prefill
+        self.total: list[int] = []  # content tokens per unit before pruning, last prefill
         self._input_ids = None
         self._handles = []
+
+    def by_item(self, kind: str = "image") -> tuple[list[int], list[int]]:
+        """(kept, total) content tokens per image (or video) of the last prefill, its crops or frames summed."""
+        kept, total = {}, {}
+        for unit, k, t in zip(self.units, self.kept, self.total):
+            if unit.kind == kind:
+                kept[unit.item] = kept.get(unit.item, 0) + k
+                total[unit.item] = total.get(unit.item, 0) + t
+        return list(kept.values()), list(total.values())
+
+    def _hooks(self) -> list:
+        """The tap and the input-id capture, which every pruner needs."""
+        return [*self.tap.attach(), self.model.model.register_forward_pre_hook(self._capture, with_kwargs=True)]
 
     def detach(self):
         for h in self._handles:
@@ -60,22 +64,29 @@ class HookedPruner:
     def _capture(self, module, args, kwargs):
         # The merged embeddings no longer say where the image was; the input ids do.
         self._input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if self._input_ids is None and kwargs.get("pixel_values") is not None:
+        if kwargs.get("pixel_values_videos") is not None and token_id(self.model, "video") is None:
+            raise ValueError(f"{type(self.model).__name__} has no video token (config.video_token_id): "
+                             "it cannot take a video prompt")
+        if self._input_ids is None and (kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs")):
             raise ValueError("visual token pruning needs input_ids (it finds the image by its placeholder tokens)")
+
+    def _visual_prefill(self, past: int) -> bool:
+        ids = self._input_ids
+        if past > 0 or ids is None:
+            return False
+        return any(t is not None and bool((ids == t).any()) for t in (token_id(self.model, k) for k in ("image", "video")))
 
 
 class InputPruner(HookedPruner):
-    """Hooks that apply a Method to every image run before the first LLM layer; see the module docstring."""
+    """Hooks that apply a Method to every unit before the first LLM layer; see the module docstring."""
 
-    def __init__(self, model, method: Method):
-        super().__init__(model)
+    def __init__(self, model, method: Method, crops: str = "all"):
+        super().__init__(model, crops)
         self.method = method
-        self.image_token_id = model.config.image_token_id
         self._state = None  # (pruned 2-D mask, tokens removed per row, pruned length) for decode steps
 
     def attach(self):
-        self._handles = self.method.attach(self.model)
-        self._handles.append(self.model.model.register_forward_pre_hook(self._capture, with_kwargs=True))
+        self._handles = self.method.attach(self.model) + self._hooks()
         lm = self.model.model.language_model
         self._handles.append(lm.register_forward_pre_hook(self._before_llm, with_kwargs=True))
         return self
@@ -83,40 +94,45 @@ class InputPruner(HookedPruner):
     def _before_llm(self, module, args, kwargs):
         cache = given_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
-        ids = self._input_ids
-        if past == 0 and ids is not None and (ids == self.image_token_id).any():
+        if past == 0:
+            self._state = None
+        if self._visual_prefill(past):
             return args, self._prefill(kwargs)
         if past > 0 and self._state is not None:
             return args, self._decode(kwargs, past)
         return args, kwargs
 
-    def _reduce_image(self, block: torch.Tensor, image: int) -> torch.Tensor:
-        newline = newline_mask(self.model, block)
-        content = (~newline).nonzero().flatten()
-        tokens, idx = self.method.reduce(block[content], image)
-        self.kept.append(len(tokens))
-        self.total.append(len(content))
-        if not newline.any():
-            return tokens
-        if idx is None:
-            raise ValueError(f"method {self.method.name!r} merges tokens, so it cannot keep this model's newline tokens")
-        return block[torch.sort(torch.cat([content[idx], newline.nonzero().flatten()])).values]
+    def _rows(self, embeds: torch.Tensor, keep: torch.Tensor, merged: dict) -> list[torch.Tensor]:
+        """Each row's surviving embeddings in sequence order. A merging method's tokens take the place
+        of the unit's first token (sort keys between it and the next position)."""
+        rows = []
+        for b in range(len(embeds)):
+            positions = keep[b].nonzero().flatten()
+            keys, parts = [positions.double()], [embeds[b, positions]]
+            for first, tokens in merged.get(b, []):
+                keys.append(first + torch.arange(len(tokens), dtype=torch.float64, device=embeds.device) / len(tokens))
+                parts.append(tokens)
+            rows.append(torch.cat(parts)[torch.argsort(torch.cat(keys))])
+        return rows
 
     def _prefill(self, kwargs):
         embeds = kwargs["inputs_embeds"]
         batch, length, _ = embeds.shape
         mask = kwargs.get("attention_mask")
         valid = torch.ones(batch, length, dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
-        self.kept, self.total, rows, image = [], [], [], 0
-        for b in range(batch):
-            is_image = self._input_ids[b] == self.image_token_id
-            pieces, pos = [], 0
-            for start, end in image_runs(is_image):
-                pieces.append(embeds[b, pos:start][valid[b, pos:start]])
-                pieces.append(self._reduce_image(embeds[b, start:end], image))
-                image, pos = image + 1, end
-            pieces.append(embeds[b, pos:][valid[b, pos:]])
-            rows.append(torch.cat(pieces))
+        self.units, dropped = layout(self.model, self._input_ids, embeds, self.tap, self.crops)
+        self.kept, self.total = [], []
+        keep, merged = valid & ~dropped, {}
+        for i, unit in enumerate(self.units):
+            tokens, idx = self.method.reduce(embeds[unit.row, unit.positions], i)
+            self.kept.append(len(tokens))
+            self.total.append(len(unit.positions))
+            keep[unit.row, unit.positions] = False
+            if idx is None:
+                merged.setdefault(unit.row, []).append((int(unit.positions[0]), tokens))
+            else:
+                keep[unit.row, unit.positions[idx]] = True
+        rows = self._rows(embeds, keep, merged)
         new_len = max(len(r) for r in rows)
         new_embeds = embeds.new_zeros(batch, new_len, embeds.shape[-1])
         new_mask = torch.zeros(batch, new_len, dtype=torch.long, device=embeds.device)
@@ -145,17 +161,19 @@ class InputPruner(HookedPruner):
 @contextmanager
 def prune_visual_tokens(model, codebook: Codebook | str | None = None, *, keep: float | None = None,
                         threshold: float | None = None, diverse: bool = False, group_sim: float = GROUP_SIM,
-                        method=None):
+                        method=None, crops: str = "all"):
     """Prune visual tokens of `model` inside the block: by codebook (keep ratio or similarity threshold; the
     paper's rule, or this project's `diverse` extension), or by another `method` (see vrc_dist.prune.baselines).
-    Yields the pruner; `.kept` lists tokens kept per image."""
+    Each image, or each video frame, gets its own budget; `crops` says how a NeXT / OneVision image's AnyRes
+    crops are budgeted ("all": together, "per-crop": each its own, "base-only": crops removed, base pruned).
+    Yields the pruner; `.kept` lists content tokens kept per unit, `.units` says which unit each is."""
     if method is None:
         if codebook is None:
             raise ValueError("give a codebook (with keep= or threshold=) or a method")
         method = CodebookMethod(codebook, keep=keep, threshold=threshold, diverse=diverse, group_sim=group_sim)
     elif codebook is not None or keep is not None or threshold is not None:
         raise ValueError("a method carries its own settings: give either method= or codebook/keep/threshold")
-    pruner = method.pruner(model) if hasattr(method, "pruner") else InputPruner(model, method)
+    pruner = method.pruner(model, crops) if hasattr(method, "pruner") else InputPruner(model, method, crops)
     pruner.attach()
     try:
         yield pruner
