@@ -73,6 +73,7 @@ def test_report_writes_linked_pictures(tmp_path):
     for name in linked:
         assert (run / "report" / name).stat().st_size > 1000
     assert "pruned marks at keep 0.25" in page and "3 images ok" in page
+    assert "Codebook t v0001" in page and str(tmp_path / "cb") not in page  # named, not by its machine path
 
 
 def test_report_on_a_missing_run_is_a_clear_error(tmp_path, capsys):

@@ -47,7 +47,9 @@ def _eval(args) -> int:
                     repeats=args.repeats,
                     progress=lambda r: print(f"{r['method']:>9} keep {r['keep']:<6} acc {r['accuracy']:.3f} "
                                              f"kept {r['kept_tokens']:.1f}", file=sys.stderr))
-    cb = "" if codebook is None else f", codebook {codebook.path} {version_dir_name(codebook.version)} ({len(codebook.vectors)} prototypes)"
+    # The codebook as the user named it, not its resolved path: a shipped table carries no machine path.
+    cb = "" if codebook is None else (f", codebook `{args.codebook}` ({codebook.name} "
+                                      f"{version_dir_name(codebook.version)}, {len(codebook.vectors)} prototypes)")
     shards = " ".join(f"--shards {shlex.quote(s)}" for s in args.shards)
     command = (f"vrc eval --model {args.model} --codebook {args.codebook} {shards} --keep {args.keep} "
                f"--methods {args.methods} --out {args.out}")

@@ -219,7 +219,7 @@ def build_report(run_dir, out=None, codebook=None, shards=None, n_images: int = 
     lines = [f"# vrc report: {run_dir}", "",
              f"{len(ok)} images ok ({len(images) - len(ok)} failed), {len(tokens['key'])} tokens, {n_cand} candidates; "
              f"divergence convention: {manifest.data.get('divergence')}."
-             + ("" if cb is None else f" Codebook {cb.path} v{cb.version:04d}; pruned marks at keep {keep}.")
+             + ("" if cb is None else f" Codebook {cb.name} v{cb.version:04d}; pruned marks at keep {keep}.")
              + (f" Warning: {missing}." if missing else ""), ""]
     for title, image, text in sections:
         lines += [f"## {title}", "", f"![{title}]({image})", ""] + ([text, ""] if text else [])
