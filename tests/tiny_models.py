@@ -34,7 +34,7 @@ from vrc_dist.toy.tokenizer import CHAT_TEMPLATE, build_processor, build_tokeniz
 IMAGE, PATCH = 40, 8
 GRID = IMAGE // PATCH
 PINPOINTS = [[IMAGE, IMAGE], [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE]]
-KINDS = ("llava", "llava_next", "llava_onevision")  # the image classes the probe adapter reads
+KINDS = ("llava", "llava_next", "llava_onevision", "llava_next_video")  # the classes the probe adapter reads
 VIDEO_KINDS = ("llava_onevision", "llava_next_video", "video_llava")
 MEAN_STD = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
@@ -96,7 +96,7 @@ def build(kind: str):
         config = VideoLlavaConfig(vision_config=_vision(False), text_config=_text(LlamaConfig, len(tokenizer), 0),
                                   vision_feature_layer=-2, vision_feature_select_strategy="default", **common)
         return VideoLlavaForConditionalGeneration(config).eval(), (None, tokenizer)
-    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + VIDEO_KINDS[1:]}")
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS + VIDEO_KINDS[-1:]}")
 
 
 def save(kind: str, directory: Path) -> Path:

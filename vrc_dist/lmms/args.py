@@ -19,6 +19,8 @@ from vrc_dist.prune.layout import CROPS
 # Need the toy world's per-patch ground truth, which an lmms-eval request does not carry.
 TOY_ONLY = ("oracle", "anti-oracle")
 LMMS_METHODS = tuple(m for m in METHODS if m not in TOY_ONLY)
+# Model types whose transformers processor includes a video processor.
+VIDEO_PROCESSOR_TYPES = ("llava_onevision", "llava_next_video")
 
 
 class ModelArgError(ValueError):
@@ -107,10 +109,10 @@ def check_model_args(pretrained="toy", codebook=None, keep=None, threshold=None,
 
     config = AutoConfig.from_pretrained(path)  # config.json only, with the class defaults hub configs omit
     model_class = MODEL_CLASSES[config.model_type]
-    if config.model_type == "llava_onevision" and importlib.util.find_spec("torchvision") is None:
-        # transformers builds OneVision's processor with its video processor, which requires torchvision.
-        raise ModelArgError(f"vrc_llava: {pretrained}: LLaVA-OneVision's processor needs torchvision (for its video "
-                            "processor) and this environment has none; run it where torch has a matching "
+    if config.model_type in VIDEO_PROCESSOR_TYPES and importlib.util.find_spec("torchvision") is None:
+        # transformers builds these processors with a video processor, which requires torchvision.
+        raise ModelArgError(f"vrc_llava: {pretrained}: the {model_class.__name__} processor needs torchvision (for "
+                            "its video processor) and this environment has none; run it where torch has a matching "
                             "torchvision (pip install -e \".[lmms]\" there)")
     dim = config.text_config.hidden_size
     cb = None

@@ -16,6 +16,7 @@ from transformers import (
     AutoTokenizer,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
 )
 
@@ -26,6 +27,7 @@ MODEL_CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "llava_next_video": LlavaNextVideoForConditionalGeneration,  # images as NeXT; videos pruned per frame
 }
 # float64: for checking that two computation paths agree beyond float32 rounding
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -133,7 +135,7 @@ def load_llava(
 
 def load_checkpoint(path_or_toy, dtype: str = "float32", device: str = "cpu"):
     """(model, processor) of "toy" or a checkpoint directory, through the same `from_pretrained` calls a user
-    makes, with the model class its config's `model_type` names (LLaVA-1.5, LLaVA-NeXT, OneVision)."""
+    makes, with the model class its config's `model_type` names (LLaVA-1.5, LLaVA-NeXT, OneVision, NeXT-Video)."""
     path = resolve_checkpoint(str(path_or_toy))
     dev, dt = resolve_device_dtype(device, dtype)
     processor = AutoProcessor.from_pretrained(path)
