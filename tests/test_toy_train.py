@@ -6,7 +6,7 @@ import numpy as np
 
 from vrc_dist.cli import main
 from vrc_dist.toy.data import EncodedQA
-from vrc_dist.toy.train import _answerable_tokens, _row_weights
+from vrc_dist.toy.train import _answerable_tokens, _row_weights, _turns
 from vrc_dist.toy.world import render
 from vrc_dist.toy.write_shards import make_shards
 
@@ -26,6 +26,20 @@ def test_answerable_subsets_keep_every_object_and_the_asked_count():
 def test_scenes_of_several_objects_are_oversampled():
     items = EncodedQA(qtype=["single", "shape", "count"], owner=[np.array([0, 1, 1]), np.array([0, 1, 2]), np.array([2, 1])])
     assert np.allclose(_row_weights(items, 6.0), np.array([1, 6, 6]) / 13)
+
+
+def test_exist_once_leaves_one_existence_question_per_sequence():
+    qtype = ["single", "exist", "count", "exist", "colour"]
+    items = EncodedQA(qtype=qtype, image=np.zeros(5, int), suffix=[(i,) for i in range(5)], answer=list(range(5)))
+    rows_of_image = [np.arange(5)]
+    for row in range(5):
+        for seed in range(4):
+            rng = np.random.default_rng(seed)
+            both = [a for _, a in _turns(rng, items, rows_of_image, row, True)]
+            assert sorted(both) == list(range(5)) and both[0] == row  # the old rule: every question, asked first
+            once = [a for _, a in _turns(np.random.default_rng(seed), items, rows_of_image, row, True, True)]
+            assert once[0] == row and sum(qtype[a] == "exist" for a in once) == 1
+            assert {a for a in once if qtype[a] != "exist"} == {0, 2, 4}
 
 
 def test_toy_train_and_eval_read_shards_in_every_form(tmp_path, capsys):
