@@ -58,6 +58,36 @@ def generate(model, inputs, **kw):
     return model.generate(**inputs, max_new_tokens=6, do_sample=False, **kw)
 
 
+def pruned_llm_input(model, inputs, **prune):
+    """(pruner, the inputs_embeds the LLM receives) for one forward inside prune_visual_tokens(**prune)."""
+    seen = []
+    with prune_visual_tokens(model, **prune) as pruner, torch.no_grad():
+        hook = model.model.language_model.register_forward_pre_hook(  # after the pruner's: sees its output
+            lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
+        model(**inputs)
+        hook.remove()
+    return pruner, seen[0]
+
+
+def hand_pruned_generate(model, inputs, token_id, kept_blocks):
+    """Plain generate on the prompt rebuilt by hand: each row's text embeddings around its kept visual
+    embeddings, left-padded."""
+    ids, embed = inputs["input_ids"], model.get_input_embeddings()
+    rows = []
+    for b, kept in enumerate(kept_blocks):
+        row = ids[b][inputs["attention_mask"][b].bool()]
+        at = (row == token_id).nonzero().flatten()
+        with torch.no_grad():
+            rows.append(torch.cat([embed(row[:at[0]]), kept, embed(row[at[-1] + 1:])]))
+    width = max(len(r) for r in rows)
+    embeds = torch.zeros(len(rows), width, rows[0].shape[1])
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        embeds[b, width - len(r):], mask[b, width - len(r):] = r, 1
+    with torch.no_grad():
+        return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
+
+
 @pytest.mark.parametrize("name", ["codebook", "random", "cls", "pool", "fastv"])
 def test_keep_one_is_exactly_unpruned(llava, codebook, name):
     model, inputs = llava
@@ -78,38 +108,21 @@ def test_threshold_prunes_rows_unequally_and_equals_the_hand_pruned_prompt(llava
     assert pruner.kept[0] != pruner.kept[1] and 0 < min(pruner.kept) and max(pruner.kept) < 25
 
     # Reference: the prompt built by hand with only the kept features, left-padded, through plain generate.
-    ids, embed = inputs["input_ids"], model.get_input_embeddings()
-    rows = []
-    for b, keep in enumerate(kept):
-        row = ids[b][inputs["attention_mask"][b].bool()]
-        at = (row == model.config.image_token_id).nonzero().flatten()
-        rows.append(torch.cat([embed(row[:at[0]]), features[b][torch.from_numpy(keep)], embed(row[at[-1] + 1:])]))
-    width = max(len(r) for r in rows)
-    embeds = torch.zeros(len(rows), width, rows[0].shape[1])
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        embeds[b, width - len(r):], mask[b, width - len(r):] = r, 1
-    with torch.no_grad():
-        reference = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(got[:, ids.shape[1]:], reference)
+    reference = hand_pruned_generate(model, inputs, model.config.image_token_id,
+                                     [features[b][torch.from_numpy(keep)] for b, keep in enumerate(kept)])
+    assert torch.equal(got[:, inputs["input_ids"].shape[1]:], reference)
 
 
 @pytest.mark.parametrize("name", ["codebook", "codebook-plain"])  # the paper's rule, under both its names
 def test_keep_ratio_counts_and_original_order(llava, codebook, features, name):
     model, inputs = llava
-    seen = []
-    with prune_visual_tokens(model, method=make_method(name, 0.2, codebook=codebook)) as pruner:
-        hook = model.model.language_model.register_forward_pre_hook(  # after the pruner's: sees its output
-            lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
-        with torch.no_grad():
-            model(**inputs)
-        hook.remove()
+    pruner, seen = pruned_llm_input(model, inputs, method=make_method(name, 0.2, codebook=codebook))
     assert pruner.kept == [5, 5]  # round(0.2 * 25)
     s = codebook.max_similarity(features[0].numpy())
     expected = np.sort(np.argsort(s, kind="stable")[:5])
     ids = inputs["input_ids"][0]
     after = len(ids) - 1 - int((ids == model.config.image_token_id).nonzero().max())  # text tokens after the image
-    assert torch.allclose(seen[0][0, -(5 + after):-after], features[0][expected])
+    assert torch.allclose(seen[0, -(5 + after):-after], features[0][expected])
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -307,17 +320,12 @@ def test_llava_next_keeps_newlines_and_every_crop(tmp_path):
     expected = generate(model, inputs)
     with prune_visual_tokens(model, codebook, keep=1.0):
         assert torch.equal(generate(model, inputs), expected)
-    seen = []
-    with prune_visual_tokens(model, codebook, keep=0.25) as pruner, torch.no_grad():
-        hook = model.model.language_model.register_forward_pre_hook(
-            lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
-        model(**inputs)
-        hook.remove()
+    pruner, seen = pruned_llm_input(model, inputs, codebook=codebook, keep=0.25)
     newline = model.model.image_newline
     n_image = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     n_newline = n_image - pruner.total[0]
     assert n_newline > 0 and pruner.kept == [keep_count(0.25, t) for t in pruner.total]
-    assert int((seen[0][0] == newline).all(-1).sum()) == n_newline  # every newline survives
+    assert int((seen[0] == newline).all(-1).sum()) == n_newline  # every newline survives
 
 
 def test_onevision_codebook_pruning(tmp_path):

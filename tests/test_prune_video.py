@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_prune import QUESTIONS, generate, make_codebook
+from test_prune import QUESTIONS, generate, hand_pruned_generate, make_codebook, prompt, pruned_llm_input
 from tiny_models import VIDEO_KINDS, build
 
 from vrc_dist.prune.baselines import make_method
@@ -35,25 +35,6 @@ def split_frames(kind, video):
     if kind == "llava_onevision":  # 2x2-pooled frames, then one newline for the whole video
         return video[:-1].reshape(FRAMES, -1, video.shape[-1]), video[-1:]
     return video.reshape(FRAMES, -1, video.shape[-1]), None
-
-
-def hand_pruned_generate(model, inputs, token_id, kept_blocks):
-    """Plain generate on the prompt rebuilt by hand: each row's text embeddings around its kept visual
-    embeddings, left-padded."""
-    ids, embed = inputs["input_ids"], model.get_input_embeddings()
-    rows = []
-    for b, kept in enumerate(kept_blocks):
-        row = ids[b][inputs["attention_mask"][b].bool()]
-        at = (row == token_id).nonzero().flatten()
-        with torch.no_grad():
-            rows.append(torch.cat([embed(row[:at[0]]), kept, embed(row[at[-1] + 1:])]))
-    width = max(len(r) for r in rows)
-    embeds = torch.zeros(len(rows), width, rows[0].shape[1])
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        embeds[b, width - len(r):], mask[b, width - len(r):] = r, 1
-    with torch.no_grad():
-        return model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
 
 
 @pytest.fixture(scope="module", params=VIDEO_KINDS)
@@ -131,6 +112,13 @@ def test_video_keep_outside_the_unit_interval_is_a_clear_error(tmp_path, keep):
 
 # --- multi-image and LLaVA-NeXT crop modes ---
 
+def next_batch(processor, seed: int, height: int, width: int):
+    """A left-padded NeXT batch: one random image of height x width per question."""
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for _ in QUESTIONS]
+    return processor(images=images, text=[prompt(q) for q in QUESTIONS], return_tensors="pt", padding=True), rng
+
+
 @pytest.fixture(scope="module")
 def next_model():
     model, processor = build("llava_next")
@@ -150,12 +138,7 @@ def test_two_images_of_different_sizes_in_one_prompt_get_their_own_budgets(next_
     expected = generate(model, inputs)
     with prune_visual_tokens(model, codebook, keep=1.0):
         assert torch.equal(generate(model, inputs), expected)
-    seen = []
-    with prune_visual_tokens(model, codebook, keep=0.2) as pruner, torch.no_grad():
-        hook = model.model.language_model.register_forward_pre_hook(
-            lambda m, a, kw: seen.append(kw["inputs_embeds"]), with_kwargs=True)
-        model(**inputs)
-        hook.remove()
+    pruner, seen = pruned_llm_input(model, inputs, codebook=codebook, keep=0.2)
     newline = model.model.image_newline
     kept = []
     for f in feats:  # each image on its own: the lowest-similarity 20% of its content, in order, newlines kept
@@ -169,7 +152,7 @@ def test_two_images_of_different_sizes_in_one_prompt_get_their_own_budgets(next_
     block = torch.cat(kept)
     ids = inputs["input_ids"][0]
     start = int((ids == model.config.image_token_id).nonzero()[0])
-    assert torch.equal(seen[0][0, start:start + len(block)], block)
+    assert torch.equal(seen[0, start:start + len(block)], block)
 
 
 def _packed_crop_reference(model, size):
@@ -196,10 +179,7 @@ def test_crop_ids_follow_the_models_own_packing(next_model, size):
 
 def test_per_crop_gives_each_crop_its_budget(next_model, tmp_path):
     model, processor = next_model
-    rng = np.random.default_rng(5)
-    images = [Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)) for _ in QUESTIONS]
-    inputs = processor(images=images, text=[f"USER: <image>\n{q} ASSISTANT:" for q in QUESTIONS],
-                       return_tensors="pt", padding=True)
+    inputs, rng = next_batch(processor, 5, 50, 70)
     codebook = make_codebook(tmp_path / "cb", rng.normal(size=(8, 48)))
     expected = generate(model, inputs)
     with prune_visual_tokens(model, codebook, keep=1.0, crops="per-crop"):
@@ -219,10 +199,7 @@ def test_per_crop_gives_each_crop_its_budget(next_model, tmp_path):
 
 def test_base_only_gives_the_llm_the_pruned_base_image_alone(next_model, tmp_path):
     model, processor = next_model
-    rng = np.random.default_rng(6)
-    images = [Image.fromarray(rng.integers(0, 255, (40, 80, 3), dtype=np.uint8)) for _ in QUESTIONS]
-    inputs = processor(images=images, text=[f"USER: <image>\n{q} ASSISTANT:" for q in QUESTIONS],
-                       return_tensors="pt", padding=True)
+    inputs, _ = next_batch(processor, 6, 40, 80)
     with torch.no_grad():
         feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     base = [f[:25] for f in feats]  # the base image comes first, 5x5 tokens, no newline
