@@ -48,10 +48,15 @@ def test_toy_train_and_eval_read_shards_in_every_form(tmp_path, capsys):
     out = tmp_path / "model"
     assert main(["toy", "train", "--shards", str(tmp_path / "sh" / "*.tar"), "--shards", str(tmp_path / "more"),
                  "--out", str(out), "--set", "steps=1", "--set", "vision_steps=1", "--set", "batch_size=4"]) == 0
-    assert json.loads((out / "training.json").read_text())["train_images"] == 8
+    training = json.loads((out / "training.json").read_text())
+    assert training["train_images"] == 8
+    assert training["vision_steps"] == 1 and "vision_seconds" in training  # the card's time includes stage 1
     capsys.readouterr()
-    assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "sh" / "train-0000{0..1}.tar")]) == 0
+    assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "sh" / "train-0000{0..1}.tar"),
+                 "--write-card"]) == 0
     assert "on 6 images from" in capsys.readouterr().out
+    seconds = round(training["seconds"] + training["vision_seconds"])
+    assert f"1 vision steps and 1 QA steps in {seconds} s" in (out / "README.md").read_text()
     assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "gone.tar")]) == 2
     err = capsys.readouterr().err
     assert "cannot open shard" in err and "gone.tar" in err

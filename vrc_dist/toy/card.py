@@ -21,7 +21,9 @@ def write_model_card(model_dir, accuracy: dict, eval_source: str, n_images: int)
     runs = [training]
     while "continued_from" in runs[-1]:
         runs.append(runs[-1]["continued_from"])
-    steps, seconds = sum(r["steps"] for r in runs), sum(r["seconds"] for r in runs)
+    steps, seconds = sum(r["steps"] for r in runs), sum(r["seconds"] + r.get("vision_seconds", 0) for r in runs)
+    vision = sum(r.get("vision_steps", 0) for r in runs)
+    vision_text = f"{vision} vision steps and " if vision else ""
     history = f" in {len(runs)} runs (later ones continue from the last checkpoint)" if len(runs) > 1 else ""
     text = f"""# toy-llava
 
@@ -37,7 +39,7 @@ nothing about real images.
   {arch['vision_layers']} layers; features from layer -2 with the CLS token dropped, as in LLaVA-1.5.
 - Projector: two-layer GELU MLP. Language model: Llama, hidden {arch['text_hidden']}, {arch['text_layers']} layers.
 - Tokenizer: word level (`PreTrainedTokenizerFast`), pad id 0; chat template `USER: <image>\\n{{question}} ASSISTANT:`.
-- Training: `vrc toy train` (vrc_dist/toy/train.py), {steps} QA steps in {seconds:.0f} s on a CPU{history},
+- Training: `vrc toy train` (vrc_dist/toy/train.py), {vision_text}{steps} QA steps in {seconds:.0f} s on a CPU{history},
   {training['train_images']} train images, final loss {training['final_loss']:.4f} (the QA stage; the
   vision tower is pretrained before it on per-patch labels). Many batches drop a random subset of
   visual tokens that keeps at least one token of every object (keep counts log-uniform down to one

@@ -219,7 +219,8 @@ def _turns(rng, items, rows_of_image, row: int, several: bool,
 
 
 def _start(cfg: TrainConfig, spec: TinyLlavaSpec, rng, progress):
-    """The model after stage 1 (or `cfg.init`'s, whose tower is kept), its processor, samples and encodings."""
+    """The model after stage 1 (or `cfg.init`'s, whose tower is kept), its processor, samples, encodings
+    and stage 1's wall seconds (0 when it is skipped)."""
     if cfg.init:
         from vrc_dist.model import load_checkpoint
 
@@ -228,15 +229,16 @@ def _start(cfg: TrainConfig, spec: TinyLlavaSpec, rng, progress):
         model, processor = build_model(spec, seed=cfg.seed)
     samples = load_toy_samples(cfg.shards)
     pixels, items = encode_samples(samples, processor)
+    start = time.time()
     if not cfg.init:
         pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
-    return model, processor, samples, pixels, items
+    return model, processor, samples, pixels, items, time.time() - start
 
 
 def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=print) -> dict:
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
-    model, processor, samples, pixels, items = _start(cfg, spec, rng, progress)
+    model, processor, samples, pixels, items, vision_seconds = _start(cfg, spec, rng, progress)
     prefix = torch.tensor(items.prefix)
     # Stage 2 keeps the vision tower frozen, as LLaVA does: its features are computed once.
     model.model.vision_tower.requires_grad_(False)
@@ -280,7 +282,8 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    summary = {"steps": len(losses), "seconds": round(time.time() - start, 1), "final_loss": float(np.mean(losses[-50:])),
+    summary = {"steps": len(losses), "seconds": round(time.time() - start, 1),
+               "vision_steps": 0 if cfg.init else cfg.vision_steps, "vision_seconds": round(vision_seconds, 1), "final_loss": float(np.mean(losses[-50:])),
                "train_images": len(samples), "train_config": asdict(cfg), "architecture": asdict(spec)}
     if cfg.init:  # the card then tells the whole history, not only the last run
         from vrc_dist.model import resolve_checkpoint
