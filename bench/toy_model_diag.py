@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from vrc_dist.data.shards import SHARDS_HELP
-from vrc_dist.model import chat_prompt, load_checkpoint
+from vrc_dist.eval.answers import first_token_logits
+from vrc_dist.model import load_checkpoint
 from vrc_dist.toy.data import encode_samples, load_toy_samples
 from vrc_dist.toy.train import _frozen_features, _patch_labels
 from vrc_dist.toy.world import SHAPES
@@ -61,28 +62,22 @@ def tower_probe(model, processor, train, held_out, steps: int = 300) -> dict[str
     return {k: (float(np.mean(v)), len(v)) for k, v in sorted(hits.items())}
 
 
-@torch.no_grad()
-def answer_breakdown(model, processor, samples, batch_size: int = 64):
+def answer_breakdown(model, processor, samples):
     """Accuracy per (question type, slice) and the yes-minus-no logit of every existence question."""
     rows = [(s, qa) for s in samples for qa in s["meta"]["qa"]]
+    logits = first_token_logits(model, processor, [s["image"] for s, _ in rows], [qa["question"] for _, qa in rows])
+    words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
     yes, no = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
-    processor.tokenizer.padding_side = "left"
     hits, margins = defaultdict(list), []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        inputs = processor(images=[s["image"] for s, _ in chunk], text=[chat_prompt(processor, qa["question"]) for _, qa in chunk],
-                           return_tensors="pt", padding=True)
-        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
-        words = processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        for (s, qa), word, row in zip(chunk, words, logits):
-            ok = word == qa["answer"]
-            hits[(qa["type"], f"{len(s['meta']['objects'])} objects")].append(ok)
-            if qa["object"]:
-                size = int((np.ravel(s["meta"]["mask"]) == qa["object"]).sum())
-                hits[(qa["type"], f"target {_size_bucket(size)}")].append(ok)
-            if qa["type"] == "exist":
-                hits[("exist", f"answer {qa['answer']}")].append(ok)
-                margins.append(float(row[yes] - row[no]))
+    for (s, qa), word, row in zip(rows, words, logits):
+        ok = word == qa["answer"]
+        hits[(qa["type"], f"{len(s['meta']['objects'])} objects")].append(ok)
+        if qa["object"]:
+            size = int((np.ravel(s["meta"]["mask"]) == qa["object"]).sum())
+            hits[(qa["type"], f"target {_size_bucket(size)}")].append(ok)
+        if qa["type"] == "exist":
+            hits[("exist", f"answer {qa['answer']}")].append(ok)
+            margins.append(float(row[yes] - row[no]))
     return {k: (float(np.mean(v)), len(v)) for k, v in sorted(hits.items())}, np.asarray(margins)
 
 
