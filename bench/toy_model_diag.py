@@ -23,7 +23,7 @@ from vrc_dist.data.shards import SHARDS_HELP
 from vrc_dist.eval.answers import first_token_logits
 from vrc_dist.model import load_checkpoint
 from vrc_dist.toy.data import encode_samples, load_toy_samples
-from vrc_dist.toy.train import _frozen_features, _patch_labels
+from vrc_dist.toy.train import frozen_features, patch_labels
 from vrc_dist.toy.world import SHAPES
 
 
@@ -33,7 +33,7 @@ def _size_bucket(n_patches: int) -> str:
 
 def _shape_features(model, processor, samples):
     pixels, _ = encode_samples(samples, processor)
-    return _frozen_features(model, pixels), _patch_labels(samples)[..., 0]
+    return frozen_features(model, pixels), patch_labels(samples)[..., 0]
 
 
 def tower_probe(model, processor, train, held_out, steps: int = 300) -> dict[str, tuple[float, int]]:
@@ -41,6 +41,7 @@ def tower_probe(model, processor, train, held_out, steps: int = 300) -> dict[str
     x, y = _shape_features(model, processor, train)
     x, y = x[y > 0], y[y > 0] - 1
     mean, std = x.mean(0), x.std(0) + 1e-6
+    torch.manual_seed(0)  # the probe's start, so a rerun prints the same table
     probe = torch.nn.Linear(x.shape[1], len(SHAPES))
     opt = torch.optim.Adam(probe.parameters(), lr=0.05)
     for _ in range(steps):

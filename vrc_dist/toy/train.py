@@ -77,11 +77,12 @@ def patch_features(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _frozen_features(model, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def frozen_features(model, pixels: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """`patch_features` of many images, in chunks, without gradients: the tower once it is frozen."""
     return torch.cat([patch_features(model, pixels[i:i + chunk]) for i in range(0, len(pixels), chunk)])
 
 
-def _patch_labels(samples: list[dict]) -> torch.Tensor:
+def patch_labels(samples: list[dict]) -> torch.Tensor:
     """[N, L, 2] per-patch (shape, colour) class of the covering object; 0 is background."""
     out = []
     for s in samples:
@@ -231,7 +232,7 @@ def _start(cfg: TrainConfig, spec: TinyLlavaSpec, rng, progress):
     pixels, items = encode_samples(samples, processor)
     start = time.time()
     if not cfg.init:
-        pretrain_vision(model, pixels, _patch_labels(samples), cfg, rng, progress)
+        pretrain_vision(model, pixels, patch_labels(samples), cfg, rng, progress)
     return model, processor, samples, pixels, items, time.time() - start
 
 
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     prefix = torch.tensor(items.prefix)
     # Stage 2 keeps the vision tower frozen, as LLaVA does: its features are computed once.
     model.model.vision_tower.requires_grad_(False)
-    features = _frozen_features(model, pixels)
+    features = frozen_features(model, pixels)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
@@ -283,8 +284,9 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     model.save_pretrained(out)
     processor.save_pretrained(out)
     summary = {"steps": len(losses), "seconds": round(time.time() - start, 1),
-               "vision_steps": 0 if cfg.init else cfg.vision_steps, "vision_seconds": round(vision_seconds, 1), "final_loss": float(np.mean(losses[-50:])),
-               "train_images": len(samples), "train_config": asdict(cfg), "architecture": asdict(spec)}
+               "vision_steps": 0 if cfg.init else cfg.vision_steps, "vision_seconds": round(vision_seconds, 1),
+               "final_loss": float(np.mean(losses[-50:])), "train_images": len(samples),
+               "train_config": asdict(cfg), "architecture": asdict(spec)}
     if cfg.init:  # the card then tells the whole history, not only the last run
         from vrc_dist.model import resolve_checkpoint
 
