@@ -5,8 +5,9 @@ import json
 import numpy as np
 
 from vrc_dist.cli import main
-from vrc_dist.toy.data import EncodedQA
-from vrc_dist.toy.train import _answerable_tokens, _row_weights, _turns
+from vrc_dist.toy.data import EncodedQA, encode_samples
+from vrc_dist.toy.model import build_model
+from vrc_dist.toy.train import _answerable_tokens, _row_weights, _turns, far_negatives
 from vrc_dist.toy.world import render
 from vrc_dist.toy.write_shards import make_shards
 
@@ -42,6 +43,25 @@ def test_exist_once_leaves_one_existence_question_per_sequence():
             assert {a for a in once if qtype[a] != "exist"} == {0, 2, 4}
 
 
+def test_far_negatives_name_neither_a_present_colour_nor_a_present_shape():
+    _, processor = build_model()
+    samples = [{"image": np.asarray(img), "meta": meta} for img, meta in (render("train", 5, 0, i) for i in range(40))]
+    _, items = encode_samples(samples, processor)
+    far = far_negatives(np.random.default_rng(0), samples, items, processor)
+    tokens = processor.tokenizer.convert_ids_to_tokens
+    no_rows = [r for r in range(len(items.qtype)) if items.qtype[r] == "exist" and items.target[r] == 0]
+    assert set(far) <= set(no_rows) and len(far) >= 30  # most scenes leave such a kind
+    for row, suffix in far.items():
+        words = set(tokens(list(suffix)))
+        objects = samples[items.image[row]]["meta"]["objects"]
+        assert not words & ({o["colour"] for o in objects} | {o["shape"] for o in objects})
+        assert suffix != items.suffix[row] and len(suffix) == len(items.suffix[row])  # same template
+    row = next(iter(far))
+    rows_of_image = [np.flatnonzero(items.image == i) for i in range(len(samples))]
+    asked = _turns(np.random.default_rng(1), items, rows_of_image, row, False, True, far)
+    assert asked == [(far[row], items.answer[row])]  # still answered "no"
+
+
 def test_toy_train_and_eval_read_shards_in_every_form(tmp_path, capsys):
     make_shards(tmp_path / "sh", 2, 3, seed=9)
     make_shards(tmp_path / "more", 1, 2, seed=10)
@@ -56,7 +76,10 @@ def test_toy_train_and_eval_read_shards_in_every_form(tmp_path, capsys):
                  "--write-card"]) == 0
     assert "on 6 images from" in capsys.readouterr().out
     seconds = round(training["seconds"] + training["vision_seconds"])
-    assert f"1 vision steps and 1 QA steps in {seconds} s" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"1 vision steps and 1 QA steps in {seconds} s" in card
+    sh = f"--shards {tmp_path / 'sh' / '*.tar'} --shards {tmp_path / 'more'}"
+    assert f"`vrc toy train {sh} --out {out} --set vision_steps=1 --set steps=1 --set batch_size=4`" in card
     assert main(["toy", "eval", "--model", str(out), "--shards", str(tmp_path / "gone.tar")]) == 2
     err = capsys.readouterr().err
     assert "cannot open shard" in err and "gone.tar" in err

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from vrc_dist.toy.evaluate import format_accuracy
+from vrc_dist.toy.train import TrainConfig
 
 BAR = 0.85  # the accuracy a question type must reach for the world to measure pruning on it
 
@@ -12,6 +14,15 @@ BAR = 0.85  # the accuracy a question type must reach for the world to measure p
 def _below_bar(accuracy: dict) -> str:
     low = [f"{t} ({r['accuracy']:.3f})" for t, r in accuracy.items() if r["accuracy"] < BAR]
     return f"\nNot yet at the bar ({BAR} on every question type): {', '.join(low)}.\n" if low else ""
+
+
+def _train_command(run: dict) -> str:
+    """The `vrc toy train` line that repeats one run: its settings that differ from today's defaults."""
+    config, default = run["train_config"], asdict(TrainConfig())
+    shards = " ".join(f"--shards {s}" for s in config["shards"])
+    sets = " ".join(f"--set {k}={v}" for k, v in config.items()
+                    if k not in ("shards", "out", "threads", "log_every") and v != default.get(k))
+    return f"`vrc toy train {shards} --out {config['out']} {sets}`".replace(" `", "`")
 
 
 def write_model_card(model_dir, accuracy: dict, eval_source: str, n_images: int) -> Path:
@@ -44,7 +55,8 @@ nothing about real images.
   vision tower is pretrained before it on per-patch labels). Many batches drop a random subset of
   visual tokens that keeps at least one token of every object (keep counts log-uniform down to one
   token), so that, like large LLaVA models, it keeps answering when most visual tokens are removed;
-  questions about scenes of several objects are oversampled. Config: `training.json`.
+  questions about scenes of several objects are oversampled. Config: `training.json`. The runs, first
+  to last: {"; then ".join(_train_command(r) for r in reversed(runs))}.
 
 ## Held-out accuracy
 

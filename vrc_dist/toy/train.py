@@ -28,17 +28,17 @@ import torch
 import torch.nn.functional as F
 
 from vrc_dist.toy import TOY_MODEL_DIR
-from vrc_dist.toy.data import encode_samples, load_toy_samples
+from vrc_dist.toy.data import encode_samples, load_toy_samples, prompt_ids
 from vrc_dist.toy.model import TinyLlavaSpec, build_model
-from vrc_dist.toy.world import COLOURS, SHAPES
+from vrc_dist.toy.world import COLOURS, QUESTION_TEMPLATES, SHAPES
 
 
 @dataclass
 class TrainConfig:
     shards: list[str] = field(default_factory=lambda: ["out/toy/train"])  # --shards forms (SHARDS_HELP)
     out: str = str(TOY_MODEL_DIR)
-    vision_steps: int = 1500
-    steps: int = 4000
+    vision_steps: int = 3000
+    steps: int = 5200
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -54,14 +54,21 @@ class TrainConfig:
     # ten tokens each, the 144 visual tokens are paid once.
     multi_turn: bool = True
     # The world asks one "yes" and one "no" existence question per image, so in one sequence the second
-    # answer is the opposite of the first: the committed checkpoint, trained without this, answers the
-    # second with the opposite of whatever the first answer was (480 of 480 held-out prompts, a false
-    # first answer included) and never learned existence (0.504). With it, a sequence asks at most one.
-    exist_once: bool = False
+    # answer is the opposite of the first: a checkpoint trained without this answered the second with
+    # the opposite of whatever the first answer was (480 of 480 held-out prompts, a false first answer
+    # included) and never learned existence (0.504). With it, a sequence asks at most one.
+    exist_once: bool = True
+    # A curriculum: during this fraction of the QA stage, a "no" existence question names a kind
+    # of which neither the colour nor the shape is in the image. The world's own "no" questions mostly
+    # share a colour or a shape with a present object, so nothing the answer position can attend to
+    # tells yes from no at first order, and this LM stays at loss ln 2 on existence for thousands of
+    # steps. Far "no"s give it a first-order cue (was anything the question names found at all?),
+    # which starts existence learning; the world's harder "no"s take over afterwards.
+    exist_far_until: float = 0.0
     seed: int = 3
-    max_minutes: float = 18.0
+    max_minutes: float = 23.0
     # A checkpoint to continue from: its vision tower is kept (stage 1 is skipped) and the QA stage
-    # starts from its weights, for a second run when a busy machine cut the first one short.
+    # starts from its weights (the committed checkpoint's second run; its card gives both commands).
     init: str | None = None
     threads: int = 2
     log_every: int = 100
@@ -204,11 +211,26 @@ def chat_text(prefix: list[int], turns, eos: int) -> tuple[list[int], list[int],
     return text[:-1], at, labels  # the last </s> is only a label
 
 
-def _turns(rng, items, rows_of_image, row: int, several: bool,
-           exist_once: bool = False) -> list[tuple[tuple[int, ...], int]]:
+def far_negatives(rng, samples: list[dict], items, processor) -> dict[int, tuple[int, ...]]:
+    """Question ids after the image for each "no" existence row whose image leaves a kind with neither
+    a present colour nor a present shape (TrainConfig.exist_far_until), drawn at random among them."""
+    out = {}
+    for row in np.flatnonzero((np.asarray(items.qtype) == "exist") & (np.asarray(items.target) == 0)):
+        objects = samples[items.image[row]]["meta"]["objects"]
+        far = [(c, s) for c in COLOURS for s in SHAPES
+               if all(c != o["colour"] and s != o["shape"] for o in objects)]
+        if far:
+            colour, shape = far[rng.integers(len(far))]
+            out[int(row)] = tuple(prompt_ids(processor, QUESTION_TEMPLATES["exist"].format(colour=colour, shape=shape))[1])
+    return out
+
+
+def _turns(rng, items, rows_of_image, row: int, several: bool, exist_once: bool = False,
+           far: dict[int, tuple[int, ...]] | None = None) -> list[tuple[tuple[int, ...], int]]:
     """The row's question first (exactly the single-turn prompt the model is evaluated on), then, if
     `several`, the image's other questions in random order: more answers learned per forward pass.
-    `exist_once`: no existence question after the first one (TrainConfig.exist_once says why)."""
+    `exist_once`: no existence question after the first one (TrainConfig.exist_once says why);
+    `far`: "no" existence questions asked as these far ones instead (`far_negatives`)."""
     rows = [row]
     if several:
         others = rows_of_image[items.image[row]]
@@ -216,7 +238,8 @@ def _turns(rng, items, rows_of_image, row: int, several: bool,
     if exist_once:
         exist = [r for r in rows if items.qtype[r] == "exist"]
         rows = [r for r in rows if items.qtype[r] != "exist" or r == exist[0]]
-    return [(items.suffix[r], items.answer[r]) for r in rows]
+    far = far or {}
+    return [(far.get(r, items.suffix[r]), items.answer[r]) for r in rows]
 
 
 def _start(cfg: TrainConfig, spec: TinyLlavaSpec, rng, progress):
@@ -250,6 +273,7 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
     start, n_tokens, losses = time.time(), spec.n_tokens, []
     row_p = _row_weights(items, cfg.several_weight)
     rows_of_image = [np.flatnonzero(items.image == i) for i in range(len(samples))]
+    far = far_negatives(rng, samples, items, processor) if cfg.exist_far_until > 0 else {}
     for step in range(cfg.steps):
         # Cosine decay over whichever budget runs out first, steps or wall time: on a busy machine
         # the run still ends annealed instead of being cut off at a high learning rate.
@@ -268,7 +292,8 @@ def train(cfg: TrainConfig, spec: TinyLlavaSpec = TinyLlavaSpec(), progress=prin
             keep = _keep_count(rng, n_tokens, cfg.full_image_prob)
             kept = [_answerable_tokens(rng, keep, items.owner[i]) for i in pick]
         several = not focus and cfg.multi_turn
-        turns = [_turns(rng, items, rows_of_image, i, several, cfg.exist_once) for i in pick]
+        asked = far if done < cfg.exist_far_until else None
+        turns = [_turns(rng, items, rows_of_image, i, several, cfg.exist_once, asked) for i in pick]
         loss = _batch_loss(model, features[items.image[pick]], prefix, turns, kept)
         opt.zero_grad(set_to_none=True)
         loss.backward()
