@@ -102,23 +102,24 @@ def test_eval_cli_dim_mismatch_and_bad_keep(tmp_path, capsys):
                     reason="needs the trained toy checkpoint and the toy codebook")
 def test_toy_eval_split_oracles_bracket_random_keep(tmp_path):
     """On 200 held-out images (eval seed 100, never used for training or the codebook), at 11.1% kept:
-    the ground-truth oracles bracket random keep, and the paper's rule holds most of the unpruned accuracy.
-    Measured on all 400 images of the README's table (2,834 questions): oracle 0.637, random 0.500,
-    anti-oracle 0.282, codebook 0.584 of 0.641 unpruned. What the world does not show (README): that the
-    codebook beats its random control; codebook-null scores 0.602."""
+    the ground-truth oracles bracket random keep, and the paper's rule with the built codebook beats
+    the same rule with a random one. Measured on all 400 images of the README's table (2,834
+    questions): oracle 0.861, random 0.642, anti-oracle 0.287, codebook 0.760 and codebook-null 0.510
+    of 0.928 unpruned."""
     from vrc_dist.model.loading import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
     samples = records_from_samples(load_toy_samples(make_shards(tmp_path, 1, 200, seed=100, split="eval")))
     codebook = Codebook.open("toy", expected_dim=model.config.text_config.hidden_size)
     unpruned = evaluate(model, processor, samples, ["random"], [1.0], repeats=1)[0]
-    rows = evaluate(model, processor, samples, ["codebook", "random", "oracle", "anti-oracle"], [0.111],
-                    codebook=codebook, repeats=1)
+    rows = evaluate(model, processor, samples, ["codebook", "codebook-null", "random", "oracle", "anti-oracle"],
+                    [0.111], codebook=codebook, repeats=1)
     acc = {r["method"]: r["accuracy"] for r in rows}
     assert unpruned["questions"] >= 1000
-    assert acc["oracle"] >= acc["random"] + 0.08
-    assert acc["anti-oracle"] <= acc["random"] - 0.12
-    assert acc["codebook"] >= 0.85 * unpruned["accuracy"]
+    assert acc["oracle"] >= acc["random"] + 0.15
+    assert acc["anti-oracle"] <= acc["random"] - 0.15
+    assert acc["codebook"] >= acc["codebook-null"] + 0.15
+    assert acc["codebook"] >= 0.75 * unpruned["accuracy"]
 
 
 def test_toy_samples_satisfy_the_qa_record_contract(tmp_path):

@@ -59,12 +59,13 @@ def test_generate_answers_one_word_then_stops(toy, eval_samples):
 
 
 def test_held_out_accuracy(toy, eval_samples):
-    """A regression guard of the committed checkpoint, a few points under its card (400 eval images:
-    single 0.900, shape 0.694, colour 0.558, count 0.703). Existence is at chance (0.504) and the card
-    says so: this checkpoint has not learned it, so nothing is asserted for it."""
+    """A regression guard of the committed checkpoint, a few points under what it scores on these 150
+    images (single 0.973, shape 0.977, colour 0.996, count 0.813, exist 0.913; its card, on 400: 0.970,
+    0.974, 0.992, 0.752, 0.911). Count is the one type under the card's bar of 0.85."""
     accuracy = toy_accuracy(*toy, eval_samples)
     assert accuracy["single"]["total"] == 150
-    assert accuracy["single"]["accuracy"] >= 0.85, accuracy
-    assert accuracy["shape"]["accuracy"] >= 0.60, accuracy
-    assert accuracy["colour"]["accuracy"] >= 0.48, accuracy
-    assert accuracy["count"]["accuracy"] >= 0.60, accuracy
+    assert accuracy["single"]["accuracy"] >= 0.93, accuracy
+    assert accuracy["shape"]["accuracy"] >= 0.93, accuracy
+    assert accuracy["colour"]["accuracy"] >= 0.95, accuracy
+    assert accuracy["count"]["accuracy"] >= 0.72, accuracy
+    assert accuracy["exist"]["accuracy"] >= 0.85, accuracy

@@ -20,8 +20,8 @@ def _train_command(run: dict) -> str:
     """The `vrc toy train` line that repeats one run: its settings that differ from today's defaults."""
     config, default = run["train_config"], asdict(TrainConfig())
     shards = " ".join(f"--shards {s}" for s in config["shards"])
-    sets = " ".join(f"--set {k}={v}" for k, v in config.items()
-                    if k not in ("shards", "out", "threads", "log_every") and v != default.get(k))
+    unused = ("shards", "out", "threads", "log_every") + (("vision_steps",) if config.get("init") else ())
+    sets = " ".join(f"--set {k}={v}" for k, v in config.items() if k not in unused and v != default.get(k))
     return f"`vrc toy train {shards} --out {config['out']} {sets}`".replace(" `", "`")
 
 

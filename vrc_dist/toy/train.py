@@ -63,7 +63,8 @@ class TrainConfig:
     # share a colour or a shape with a present object, so nothing the answer position can attend to
     # tells yes from no at first order, and this LM stays at loss ln 2 on existence for thousands of
     # steps. Far "no"s give it a first-order cue (was anything the question names found at all?),
-    # which starts existence learning; the world's harder "no"s take over afterwards.
+    # which starts existence learning; the world's harder "no"s take over afterwards. Measured against
+    # the same run without it: held-out existence 0.911 against 0.661, the other types unchanged (README).
     exist_far_until: float = 0.0
     seed: int = 3
     max_minutes: float = 23.0
