@@ -29,6 +29,7 @@ from vrc_dist.model import LEADING_A, leading_a_token_id, llava_v1_prompt
 from vrc_dist.probe import PROBED_COLUMNS, TOKEN_COLUMNS, Prober, windows
 from vrc_dist.probe.divergence import divergence, top1_of_head
 from vrc_dist.probe.dpc import dpc_knn_exact
+from vrc_dist.probe.prober import cls_similarity
 
 SUBSET = "1-3,7-9,20-25"  # 12 of the tiny models' 25 tokens
 SUBSET_RANKS = [1, 2, 3, 7, 8, 9, 20, 21, 22, 23, 24, 25]
@@ -169,7 +170,8 @@ def test_tokens_all_takes_the_path_of_old(tiny_llava, full_prober):
     """`all` probes every token in raster order and returns the columns unchanged; every rank listed,
     in rank order, gives the same metrics (the subset machinery itself changes nothing)."""
     feats = full_prober.adapter.encode_image(picture())
-    np.testing.assert_array_equal(full_prober._probed(feats, "img"), np.arange(25))
+    rank = cls_similarity(feats.cls, feats.patches)[1]
+    np.testing.assert_array_equal(full_prober._probed(feats, rank, "img"), np.arange(25))
     full = full_prober.probe(picture(), "img")
     every = Prober(config(tiny_llava, tokens="1-25"), adapter=full_prober.adapter).probe(picture(), "img")
     for name in TOKEN_COLUMNS:

@@ -117,9 +117,10 @@ class Prober:
     @torch.no_grad()
     def probe(self, image, key: str) -> ImageResult:
         feats = self.adapter.encode_image(image)
-        who = self._probed(feats, key)  # the probed tokens (all: 0..n-1); every pass runs for them only
+        cls = cls_similarity(feats.cls, feats.patches)
+        who = self._probed(feats, cls[1], key)  # the probed tokens (all: 0..n-1); every pass runs for them only
         top1_prob, top1_id, intact, jsd_region, jsd_global = self._passes(feats.tokens, feats.grid, who)
-        return self._result(key, feats, who, top1_prob, top1_id, intact, jsd_region, jsd_global)
+        return self._result(key, feats, cls, who, top1_prob, top1_id, intact, jsd_region, jsd_global)
 
     def _passes(self, v: torch.Tensor, grid: tuple[int, int], who: np.ndarray):
         """The three passes over visual tokens v [L, D] for the probed tokens `who`: (top1_prob, top1_id,
@@ -163,7 +164,8 @@ class Prober:
         jsd_global = divergence(intact.expand_as(global_b), global_b, k, conv).cpu().numpy()
         return top1_prob, top1_id, intact, jsd_region, jsd_global
 
-    def _result(self, key: str, feats, who: np.ndarray, top1_prob, top1_id, intact, jsd_region, jsd_global) -> ImageResult:
+    def _result(self, key: str, feats, cls, who: np.ndarray, top1_prob, top1_id, intact, jsd_region,
+                jsd_global) -> ImageResult:
         """Score, the low-info and per-image cluster filters (steps 6-7), and the image's token columns."""
         cfg, v, grid = self.cfg, feats.tokens, feats.grid
         n = len(v)
@@ -176,7 +178,7 @@ class Prober:
         cluster_size = np.bincount(clusters, minlength=cfg.image_dpc_clusters)[clusters]
         candidate = low_info & (cluster_size <= cfg.cluster_size_thres)
 
-        cls_sim, cls_rank = cls_similarity(feats.cls, feats.patches)
+        cls_sim, cls_rank = cls
         rows, cols = np.divmod(np.arange(n), grid[1])
         answer_id = int(intact.argmax())
         candidate_index = np.sort(who[np.flatnonzero(candidate)]).astype(np.int32)
@@ -193,7 +195,7 @@ class Prober:
             candidate_index=candidate_index, candidate_vectors=tokens_np[candidate_index].astype(np.float16),
         )  # fmt: skip
 
-    def _probed(self, feats, key: str) -> np.ndarray:
+    def _probed(self, feats, rank: np.ndarray, key: str) -> np.ndarray:
         """Token indices `probe.tokens` selects, in rank order: rank r (1-based) is the token of the r-th
         highest cls_sim (cls_sim_rank r - 1). `all`: every token in raster order, the path of old."""
         n = len(feats.tokens)
@@ -204,7 +206,6 @@ class Prober:
                               "tower has no CLS token; use tokens: all")
         if self.ranks[-1][1] > n:
             raise ConfigError(f"probe.tokens asks for rank {self.ranks[-1][1]}, but image {key!r} has {n} visual tokens")
-        rank = cls_similarity(feats.cls, feats.patches)[1]
         by_rank = np.argsort(rank, kind="stable")  # by_rank[r] = the token of 0-based rank r
         return by_rank[np.concatenate([np.arange(lo - 1, hi) for lo, hi in self.ranks])]
 
