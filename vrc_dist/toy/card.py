@@ -19,10 +19,10 @@ def _below_bar(accuracy: dict) -> str:
 def _train_command(run: dict) -> str:
     """The `vrc toy train` line that repeats one run: its settings that differ from today's defaults."""
     config, default = run["train_config"], asdict(TrainConfig())
-    shards = " ".join(f"--shards {s}" for s in config["shards"])
     unused = ("shards", "out", "threads", "log_every") + (("vision_steps",) if config.get("init") else ())
-    sets = " ".join(f"--set {k}={v}" for k, v in config.items() if k not in unused and v != default.get(k))
-    return f"`vrc toy train {shards} --out {config['out']} {sets}`".replace(" `", "`")
+    words = ["vrc toy train", *(f"--shards {s}" for s in config["shards"]), f"--out {config['out']}",
+             *(f"--set {k}={v}" for k, v in config.items() if k not in unused and v != default.get(k))]
+    return f"`{' '.join(words)}`"
 
 
 def write_model_card(model_dir, accuracy: dict, eval_source: str, n_images: int) -> Path:
