@@ -7,7 +7,15 @@ import numpy as np
 from vrc_dist.cli import main
 from vrc_dist.toy.data import EncodedQA, encode_samples
 from vrc_dist.toy.model import build_model
-from vrc_dist.toy.train import _answerable_tokens, _row_weights, _turns, far_negatives
+from vrc_dist.toy.train import (
+    TrainConfig,
+    _answerable_tokens,
+    _batch_rows,
+    _keep_count,
+    _row_weights,
+    _turns,
+    far_negatives,
+)
 from vrc_dist.toy.world import render
 from vrc_dist.toy.write_shards import make_shards
 
@@ -22,6 +30,27 @@ def test_answerable_subsets_keep_every_object_and_the_asked_count():
             assert objects <= set(owner[kept].tolist())
             assert len(kept) == max(keep, len(objects)) and len(set(kept.tolist())) == len(kept)
             assert np.all(np.diff(kept) > 0)
+
+
+def test_count_batches_ask_count_alone_on_full_grids():
+    owner = [np.asarray(render("train", 6, 0, i)[1]["mask"]).reshape(-1) for i in range(8)]
+    qtype = ["single", "count", "exist", "shape"] * 8
+    items = EncodedQA(qtype=qtype, image=np.repeat(np.arange(8), 4), owner=[owner[i // 4] for i in range(32)],
+                      target=[0] * 32)
+    row_p, count_rows = _row_weights(items, 2.0), np.flatnonzero(np.asarray(qtype) == "count")
+    counted = TrainConfig(count_batch_prob=1.0, batch_size=16)
+    for seed in range(5):
+        pick, kept, several = _batch_rows(np.random.default_rng(seed), counted, items, row_p, count_rows, 144)
+        assert {qtype[i] for i in pick} == {"count"} and not several
+        assert all(np.array_equal(k, np.arange(144)) for k in kept)
+    # Off (the default), the batch is exactly the one drawn before count batches existed.
+    mixed = TrainConfig(batch_size=16, focus_prob=0.0, full_image_prob=0.0)
+    pick, kept, several = _batch_rows(np.random.default_rng(1), mixed, items, row_p, count_rows, 144)
+    rng = np.random.default_rng(1)
+    assert np.array_equal(pick, rng.choice(32, size=16, p=row_p)) and several
+    rng.random()  # the focus draw
+    keep = _keep_count(rng, 144, 0.0)
+    assert [len(k) for k in kept] == [len(_answerable_tokens(rng, keep, items.owner[i])) for i in pick]
 
 
 def test_scenes_of_several_objects_are_oversampled():
