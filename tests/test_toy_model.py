@@ -60,12 +60,12 @@ def test_generate_answers_one_word_then_stops(toy, eval_samples):
 
 def test_held_out_accuracy(toy, eval_samples):
     """A regression guard of the committed checkpoint, a few points under what it scores on these 150
-    images (single 0.973, shape 0.977, colour 0.996, count 0.813, exist 0.913; its card, on 400: 0.970,
-    0.974, 0.992, 0.752, 0.911). Count is the one type under the card's bar of 0.85."""
+    images (single 0.953, shape 0.973, colour 0.987, count 0.873, exist 0.943; its card, on 400: 0.963,
+    0.976, 0.982, 0.865, 0.934). Count, the hardest type, is held at the card's bar of 0.85 itself."""
     accuracy = toy_accuracy(*toy, eval_samples)
     assert accuracy["single"]["total"] == 150
-    assert accuracy["single"]["accuracy"] >= 0.93, accuracy
+    assert accuracy["single"]["accuracy"] >= 0.92, accuracy
     assert accuracy["shape"]["accuracy"] >= 0.93, accuracy
     assert accuracy["colour"]["accuracy"] >= 0.95, accuracy
-    assert accuracy["count"]["accuracy"] >= 0.72, accuracy
-    assert accuracy["exist"]["accuracy"] >= 0.85, accuracy
+    assert accuracy["count"]["accuracy"] >= 0.85, accuracy
+    assert accuracy["exist"]["accuracy"] >= 0.90, accuracy
