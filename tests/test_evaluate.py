@@ -104,8 +104,8 @@ def test_toy_eval_split_oracles_bracket_random_keep(tmp_path):
     """On 200 held-out images (eval seed 100, never used for training or the codebook), at 11.1% kept:
     the ground-truth oracles bracket random keep, and the paper's rule with the built codebook beats
     the same rule with a random one. Measured on all 400 images of the README's table (2,834
-    questions): oracle 0.861, random 0.642, anti-oracle 0.287, codebook 0.760 and codebook-null 0.510
-    of 0.928 unpruned."""
+    questions): oracle 0.882, random 0.644, anti-oracle 0.277, codebook 0.791 and codebook-null 0.625
+    of 0.948 unpruned; on these 200: 0.881, 0.646, 0.275, 0.810 and 0.621 of 0.947."""
     from vrc_dist.model.loading import load_checkpoint
 
     model, processor = load_checkpoint(TOY_MODEL_DIR)
